@@ -1,0 +1,118 @@
+"""Linear self-attention on in-context regression prompts (SPEC section 2).
+
+Shape notation: B batch, N = n + 1 tokens (n demonstrations and the query, last),
+D = d + 2 token width, L layers, H heads.
+
+One layer, per head h, with KQ_h = Wq_h^T Wk_h:
+    out = Z + (1/N) (Z KQ_h Z^T)(Z Wv_h^T),  heads averaged.
+Attention has no mask, so (Z KQ Z^T)(Z Wv^T) = Z KQ (Z^T Z) Wv^T: every function here costs
+O(N D^2) and never builds the N x N attention matrix. The prediction is the label entry of the
+query row of the last layer's output.
+
+Prompts may be padded with all-zero tokens so that prompts of different n share one shape; a zero
+token adds nothing to Z^T Z and stays zero through every layer, so passing the true n (which sets
+the normalization) makes a padded prompt exact.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from linattn.params import NORMALIZATIONS, check_params, effective_kq, value_row
+
+
+def check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization {normalization!r} unknown; allowed: {list(NORMALIZATIONS)} "
+            "('tokens' divides by n+1, 'shots' by n)"
+        )
+
+
+def norm_factor(n, normalization: str = "tokens"):
+    """1/(n+1) for "tokens" (default) or 1/n for "shots" (1 at n = 0, where 1/n is undefined)."""
+    check_normalization(normalization)
+    n = jnp.asarray(n)
+    if normalization == "tokens":
+        return 1.0 / (n + 1.0)
+    return 1.0 / jnp.maximum(n, 1.0)
+
+
+def _check_prompt(params: Mapping, Z: jax.Array) -> None:
+    check_params(params)
+    D = params["V"].shape[-1]
+    if Z.ndim < 2 or Z.shape[-1] != D:
+        raise ValueError(
+            f"prompt has shape {Z.shape}; expected (..., n+1, {D}) for parameters with "
+            f"d = {D - 2} (token width d+2)"
+        )
+
+
+def _n_of(Z: jax.Array, n):
+    return Z.shape[-2] - 1 if n is None else n
+
+
+def _layer(kq: jax.Array, wv: jax.Array, Z: jax.Array, scale) -> jax.Array:
+    """One layer: kq, wv (H, D, D); Z (..., N, D); scale broadcastable to Z[..., :1, :1]."""
+    S = jnp.einsum("...ni,...nj->...ij", Z, Z)
+    # M = (1/H) sum_h KQ_h S Wv_h^T, so that out = Z + scale * Z M.
+    M = jnp.einsum("hij,...jk,hlk->...il", kq, S, wv) / kq.shape[0]
+    return Z + scale * (Z @ M)
+
+
+def apply(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=None) -> jax.Array:
+    """Full output of the L-layer model, shape (..., N, D).
+
+    Args:
+      params: the parameter tree (linattn.params).
+      Z: prompts (..., N, D), query last with its label zeroed.
+      normalization: "tokens" (1/(n+1)) or "shots" (1/n).
+      n: number of demonstrations when Z is zero-padded (int or array of shape Z.shape[:-2]);
+        defaults to N - 1.
+    """
+    _check_prompt(params, Z)
+    scale = norm_factor(_n_of(Z, n), normalization)
+    scale = jnp.reshape(scale, jnp.shape(scale) + (1, 1))
+    kq_all, wv_all = effective_kq(params), params["V"]
+    for layer in range(kq_all.shape[0]):
+        Z = _layer(kq_all[layer], wv_all[layer], Z, scale)
+    return Z
+
+
+def predict_from_stats(params: Mapping, zq: jax.Array, S: jax.Array, n, *, normalization: str = "tokens"):
+    """One-layer query prediction from the prompt's sufficient statistics.
+
+    y_hat = norm(n) * (1/H) sum_h zq^T KQ_h S v_h, with S = sum over all N tokens (query
+    included) of z z^T. zq (..., D), S (..., D, D), n broadcastable to zq.shape[:-1].
+    """
+    check_params(params)
+    if params["V"].shape[0] != 1:
+        raise ValueError(
+            f"predict_from_stats is for one-layer models; these parameters have "
+            f"{params['V'].shape[0]} layers"
+        )
+    kq, v = effective_kq(params)[0], value_row(params)[0]
+    u = jnp.einsum("...i,hij->...hj", zq, kq)
+    Sv = jnp.einsum("...jk,hk->...hj", S, v)
+    return norm_factor(n, normalization) * jnp.mean(jnp.sum(u * Sv, axis=-1), axis=-1)
+
+
+def predict(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=None) -> jax.Array:
+    """The query's predicted label, shape Z.shape[:-2].
+
+    Fast path: all layers but the last run in full; the last computes only the query row.
+    """
+    _check_prompt(params, Z)
+    L = params["V"].shape[0]
+    n = _n_of(Z, n)
+    if L > 1:
+        lower = {k: v[:-1] for k, v in params.items()}
+        Z = apply(lower, Z, normalization=normalization, n=n)
+    top = {k: v[-1:] for k, v in params.items()}
+    S = jnp.einsum("...ni,...nj->...ij", Z, Z)
+    zq = Z[..., -1, :]
+    # Residual: the query's own label entry (zero in one layer) carries through.
+    return zq[..., -1] + predict_from_stats(top, zq, S, n, normalization=normalization)

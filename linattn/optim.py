@@ -1,0 +1,99 @@
+"""Trainable parameter subsets and optimizers, built from optax pieces (SPEC section 3).
+
+Freezing is data: every leaf gets the label "train" or "freeze" from its path, and
+optax.partition sends frozen leaves to optax.set_to_zero. Gradient clipping lives inside the
+"train" branch, so the global norm counts only trainable leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from linattn.params import is_merged
+
+# subset name -> leaves it trains
+SUBSETS: dict[str, tuple[str, ...]] = {
+    "all": ("K", "Q", "KQ", "V"),
+    "v": ("V",),
+    "kq": ("KQ",),
+    "k": ("K",),
+    "q": ("Q",),
+}
+OPTIMIZERS = ("sgd", "adam")
+Subset = Union[str, Callable[[str], bool]]
+
+
+def param_labels(params: Mapping, subset: Subset) -> dict:
+    """{"train" | "freeze"} for every leaf.
+
+    Args:
+      subset: a name in SUBSETS (case-insensitive) or a function of the leaf name ("V", "KQ",
+        "K", "Q") returning True for trainable leaves.
+    """
+    if callable(subset):
+        labels = {k: "train" if subset(k) else "freeze" for k in params}
+    else:
+        key = str(subset).lower()
+        if key not in SUBSETS:
+            raise ValueError(f"subset {subset!r} unknown; allowed: {sorted(SUBSETS)} or a function of the leaf name")
+        wanted = set(SUBSETS[key])
+        present = wanted & set(params)
+        if not present:
+            form = "merged (KQ, V)" if is_merged(params) else "separate (K, Q, V)"
+            raise ValueError(f"subset {subset!r} trains {sorted(wanted)}, none of which a {form} model has")
+        labels = {k: "train" if k in wanted else "freeze" for k in params}
+    if "train" not in labels.values():
+        raise ValueError(f"subset {subset!r} leaves no parameter trainable")
+    return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Reference: SGD, momentum 0.9, lr 0.01, clip to global norm 1.0 (SPEC section 3).
+
+    The learning rate is not here: it is passed as an array to make_optimizer so that sweeps over
+    it do not recompile.
+    """
+
+    name: str = "sgd"  # "sgd" (with momentum) or "adam"
+    momentum: float = 0.9  # SGD momentum; 0 for plain SGD
+    clip_norm: float | None = 1.0  # global-norm clip over trainable leaves; None for none
+    b1: float = 0.9  # Adam
+    b2: float = 0.999  # Adam
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.name!r} unknown; allowed: {list(OPTIMIZERS)}")
+
+
+def make_optimizer(params: Mapping, subset: Subset, lr, cfg: OptimizerConfig = OptimizerConfig()):
+    """optax transformation that updates only the subset's leaves.
+
+    `lr` may be a traced scalar array (vmap over learning rates without recompiling).
+    """
+    chain = []
+    if cfg.clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+    if cfg.name == "sgd":
+        chain.append(optax.sgd(lr, momentum=cfg.momentum or None))
+    else:
+        chain.append(optax.adam(lr, b1=cfg.b1, b2=cfg.b2))
+    return optax.partition(
+        {"train": optax.chain(*chain), "freeze": optax.set_to_zero()},
+        param_labels(params, subset),
+    )
+
+
+def apply_updates(params: Mapping, updates: Mapping, labels: Mapping) -> dict:
+    """params + updates on trainable leaves; frozen leaves are returned as they are (bit for bit)."""
+    return {k: (params[k] + updates[k]).astype(params[k].dtype) if labels[k] == "train" else params[k] for k in params}
+
+
+def trainable_norm(grads: Mapping, labels: Mapping) -> jax.Array:
+    """Global norm over trainable leaves only (what the clip sees)."""
+    return optax.global_norm({k: g for k, g in grads.items() if labels[k] == "train"})

@@ -1,0 +1,205 @@
+"""The parameter pytree shared by the model and the theory (SPEC section 2).
+
+Shape notation: L layers, H heads, d covariate dimension, D = d + 2 token width.
+A token is z = (1, x, y): index 0 is the constant, 1..d the covariates, D-1 the label.
+
+A parameter tree is a plain dict of arrays of shape (L, H, D, D):
+- merged form:   {"V": ..., "KQ": ...}, with KQ_h = Wq_h^T Wk_h;
+- separate form: {"V": ..., "K": ..., "Q": ...}, the key and query matrices Wk_h, Wq_h.
+V holds the value matrices Wv_h; in one layer only its last row (the label row) matters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT = "linattn-params-v1"
+NORMALIZATIONS = ("tokens", "shots")
+MERGED_KEYS = ("KQ", "V")
+SEPARATE_KEYS = ("K", "Q", "V")
+
+
+def is_merged(params: Mapping) -> bool:
+    """True for the merged {"KQ", "V"} form, False for {"K", "Q", "V"}; errors otherwise."""
+    keys = tuple(sorted(params))
+    if keys == MERGED_KEYS:
+        return True
+    if keys == SEPARATE_KEYS:
+        return False
+    raise ValueError(
+        f"parameter tree has keys {list(keys)}; allowed are {list(MERGED_KEYS)} (merged) "
+        f"or {list(SEPARATE_KEYS)} (separate key/query)"
+    )
+
+
+def dims(params: Mapping) -> tuple[int, int, int]:
+    """(layers, heads, d) of a parameter tree, after checking its shapes."""
+    check_params(params)
+    L, H, D, _ = params["V"].shape
+    return L, H, D - 2
+
+
+def check_params(params: Mapping, d: int | None = None) -> None:
+    """Raise ValueError naming the first leaf whose shape is wrong.
+
+    Every leaf must be (L, H, D, D) with the same L, H, D, and D = d + 2 when d is given.
+    """
+    is_merged(params)
+    ref = None
+    for name in sorted(params):
+        shape = tuple(np.shape(params[name]))
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise ValueError(
+                f"parameter {name!r} has shape {shape}; expected (layers, heads, d+2, d+2)"
+            )
+        if ref is None:
+            ref = (name, shape)
+        elif shape != ref[1]:
+            raise ValueError(
+                f"parameter {name!r} has shape {shape} but {ref[0]!r} has {ref[1]}; "
+                "all leaves must share (layers, heads, d+2, d+2)"
+            )
+        if d is not None and shape[2] != d + 2:
+            raise ValueError(
+                f"parameter {name!r} has token width {shape[2]} (d = {shape[2] - 2}) "
+                f"but the data has d = {d} (token width {d + 2})"
+            )
+
+
+def effective_kq(params: Mapping) -> jax.Array:
+    """KQ_h = Wq_h^T Wk_h for every layer and head, shape (L, H, D, D)."""
+    if is_merged(params):
+        return params["KQ"]
+    return jnp.einsum("lhji,lhjk->lhik", params["Q"], params["K"])
+
+
+def value_row(params: Mapping) -> jax.Array:
+    """The label row v_h of each value matrix, shape (L, H, D) (SPEC section 2)."""
+    return params["V"][..., -1, :]
+
+
+def to_merged(params: Mapping) -> dict:
+    """The merged tree that gives the same predictions."""
+    return {"KQ": effective_kq(params), "V": params["V"]}
+
+
+def init_params(
+    key: jax.Array,
+    d: int,
+    *,
+    layers: int = 1,
+    heads: int = 1,
+    merged: bool = True,
+    std: float = 0.05,
+    dtype=jnp.float32,
+) -> dict:
+    """Reference initialization: every entry i.i.d. N(0, std^2), std = 0.05 (SPEC section 2)."""
+    if d < 1 or layers < 1 or heads < 1:
+        raise ValueError(f"need d, layers, heads >= 1; got d={d}, layers={layers}, heads={heads}")
+    names = MERGED_KEYS if merged else SEPARATE_KEYS
+    shape = (layers, heads, d + 2, d + 2)
+    keys = jax.random.split(key, len(names))
+    return {n: std * jax.random.normal(k, shape, dtype) for n, k in zip(names, keys)}
+
+
+def zeros_params(d: int, *, layers: int = 1, heads: int = 1, merged: bool = True, dtype=jnp.float32) -> dict:
+    """All-zero parameters, a starting point for hand-built ones."""
+    names = MERGED_KEYS if merged else SEPARATE_KEYS
+    return {n: jnp.zeros((layers, heads, d + 2, d + 2), dtype) for n in names}
+
+
+def icl_params(d: int, gamma: float, w: float, *, heads: int = 1, dtype=jnp.float32) -> dict:
+    """Merged one-layer parameters with Gamma = gamma I (x-block of KQ) and v = w e_y.
+
+    This is the form of the pretraining optimum (SPEC section 4): the prediction is
+    gamma * w / (n+1) * sum_j (x_q . x_j) y_j.
+    """
+    D = d + 2
+    kq = jnp.zeros((D, D), dtype).at[1 : d + 1, 1 : d + 1].set(gamma * jnp.eye(d, dtype=dtype))
+    v = jnp.zeros((D, D), dtype).at[-1, -1].set(w)
+    tile = lambda a: jnp.broadcast_to(a, (1, heads, D, D))
+    return {"KQ": tile(kq), "V": tile(v)}
+
+
+def save_params(path: str | Path, params: Mapping, *, normalization: str = "tokens") -> None:
+    """Write linattn-params-v1 JSON: {"format", "d", "normalization", "V", "KQ" | "K","Q"}."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r} unknown; allowed: {list(NORMALIZATIONS)}")
+    Path(path).write_text(json.dumps(params_to_json(params, normalization=normalization)))
+
+
+def params_to_json(params: Mapping, *, normalization: str = "tokens") -> dict:
+    """The linattn-params-v1 dictionary of a tree (nested lists of floats)."""
+    _, _, d = dims(params)
+    out = {"format": FORMAT, "d": d, "normalization": normalization}
+    for name in sorted(params):
+        out[name] = np.asarray(params[name], dtype=np.float64).tolist()
+    return out
+
+
+def params_from_json(obj: Mapping, *, dtype=jnp.float32) -> tuple[dict, str]:
+    """Parse a linattn-params-v1 dictionary; returns (params, normalization).
+
+    Raises ValueError saying exactly what is missing or has the wrong shape.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"parameter file must hold a JSON object, got {type(obj).__name__}")
+    if obj.get("format") != FORMAT:
+        raise ValueError(f"parameter file has format {obj.get('format')!r}; expected {FORMAT!r}")
+    for field in ("d", "normalization", "V"):
+        if field not in obj:
+            raise ValueError(f"parameter file lacks the field {field!r}")
+    d = obj["d"]
+    if not isinstance(d, int) or d < 1:
+        raise ValueError(f"parameter file has d = {d!r}; expected a positive integer")
+    norm = obj["normalization"]
+    if norm not in NORMALIZATIONS:
+        raise ValueError(f"parameter file has normalization {norm!r}; allowed: {list(NORMALIZATIONS)}")
+    names = [n for n in ("K", "Q", "KQ") if n in obj]
+    if names not in (["KQ"], ["K", "Q"]):
+        raise ValueError(
+            f"parameter file has attention fields {names}; expected ['KQ'] or ['K', 'Q']"
+        )
+    params = {}
+    for name in names + ["V"]:
+        try:
+            arr = np.asarray(obj[name], dtype=np.float64)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"field {name!r} is not a rectangular array of numbers: {err}") from None
+        if arr.ndim != 4 or arr.shape[2:] != (d + 2, d + 2):
+            raise ValueError(
+                f"field {name!r} has shape {arr.shape}; expected [layers][heads][{d + 2}][{d + 2}] "
+                f"for d = {d}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"field {name!r} holds non-finite values")
+        params[name] = jnp.asarray(arr, dtype=dtype)
+    check_params(params, d)
+    return params, norm
+
+
+def load_params(path: str | Path, *, dtype=jnp.float32) -> tuple[dict, str]:
+    """Read a linattn-params-v1 JSON file; returns (params, normalization)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read parameter file {str(path)!r}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"parameter file {str(path)!r} is not valid JSON: {err}") from None
+    return params_from_json(obj, dtype=dtype)
+
+
+def tree_sq_dist(a: Mapping, b: Mapping) -> jax.Array:
+    """Sum of squared differences over all leaves (for L2 pulls toward reference weights)."""
+    return sum(jnp.sum((a[k] - b[k]) ** 2) for k in a)
+
+
+def n_parameters(params: Mapping) -> int:
+    return int(sum(math.prod(np.shape(v)) for v in params.values()))
