@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 
 from linattn.params import tree_sq_dist
@@ -87,6 +88,12 @@ class ObjectiveConfig:
 
     def aux(self, progress):
         return schedule_weight(self.schedule, progress, self.aux_weight)
+
+
+# Weights and reference parameters are traced (vmap over auxiliary weights); sizes are static.
+jax.tree_util.register_dataclass(
+    ObjectiveConfig, data_fields=["aux_weight", "l2", "ref_params"], meta_fields=["m", "n_ft", "schedule"]
+)
 
 
 class Objective(NamedTuple):

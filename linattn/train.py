@@ -1,0 +1,206 @@
+"""Training as one compiled program: lax.scan over steps, vmappable over seeds, methods, rates.
+
+Shape notation: R runs (seeds x learning rates x ...), T steps, K history points.
+
+`train_fn(cfg)` returns a pure function
+    run(key, params0, lr, ctx, obj_cfg) -> TrainResult
+that is jit-compiled once per static TrainConfig and vmaps over any of its array arguments.
+The objective is evaluated with a Monte Carlo risk (SPEC section 3): each call
+risk(params, shots, task) draws its own minibatch from a key folded from the step, the shot count
+and the task source, so two objectives (or two subsets) given the same key see the same
+minibatches: common random numbers come for free, and a method's ZS term in "zs" and "zsfs" is
+computed on identical prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linattn import data as D
+from linattn.model import predict, predict_from_stats
+from linattn.objectives import TASK_SOURCES, ObjectiveConfig, get_objective
+from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels
+from linattn.params import check_params
+
+SAMPLERS = ("tokens", "stats")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Static settings of one training program (SPEC section 3 reference values).
+
+    The learning rate, keys, initial parameters, task arrays and ObjectiveConfig are traced
+    arguments of the compiled program, so sweeps over them do not recompile.
+    """
+
+    objective: str = "pretrain"  # a name in linattn.objectives.OBJECTIVES
+    subset: Any = "all"  # a name in linattn.optim.SUBSETS or a function of the leaf name
+    steps: int = 5000  # optimizer steps
+    batch: int = 5000  # prompts per risk evaluation
+    d: int = 5  # covariate dimension
+    noise: float = 0.1  # label-noise variance sigma^2
+    tasks: str = "sphere"  # distribution of "random" tasks: "sphere" | "gaussian"
+    normalization: str = "tokens"  # "tokens" = 1/(n+1), "shots" = 1/n
+    sampler: str = "tokens"  # "tokens" (any model) | "stats" (one layer, cost independent of n)
+    history: int = 100  # length of the returned loss history (bucket means)
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    def __post_init__(self):
+        get_objective(self.objective)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} unknown; allowed: {list(SAMPLERS)}")
+        if self.tasks not in D.TASK_KINDS:
+            raise ValueError(f"tasks {self.tasks!r} unknown; allowed: {list(D.TASK_KINDS)}")
+        for name in ("steps", "batch", "d", "history"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.noise < 0:
+            raise ValueError(f"noise variance must be >= 0; got {self.noise}")
+
+
+class TaskContext(NamedTuple):
+    """Arrays the objective's task sources read (traced, so vmappable).
+
+    theta0: (d,) the fine-tuning task ("target").
+    dataset: FineTuneData drawn from theta0, or None to draw "target" prompts fresh from theta0.
+    cov_factor: (d, d) factor L of the covariate covariance (L L^T = Sigma), or None for I.
+    """
+
+    theta0: jax.Array
+    dataset: Optional[D.FineTuneData] = None
+    cov_factor: Optional[jax.Array] = None
+
+
+class TrainResult(NamedTuple):
+    params: dict  # final parameters (the last finite ones if training diverged)
+    history: jax.Array  # (K,) mean loss in K equal buckets of steps
+    final_loss: jax.Array  # () loss at the last step
+    diverged_at: jax.Array  # () first step with a non-finite loss or parameter, -1 if none
+
+
+class TrainingDiverged(FloatingPointError):
+    """A run produced a non-finite loss; carries the step and learning rate."""
+
+    def __init__(self, step: int, lr: float, run: int | None = None):
+        where = "" if run is None else f"run {run}: "
+        super().__init__(f"{where}training diverged (non-finite loss) at step {step} with learning rate {lr:g}")
+        self.step, self.lr, self.run = step, lr, run
+
+
+def mc_risk(key, cfg: TrainConfig, ctx: TaskContext):
+    """risk(params, shots, task): minibatch mean squared error of the query prediction."""
+
+    def risk(params, shots: int, task: str):
+        if task not in TASK_SOURCES:
+            raise ValueError(f"task source {task!r} unknown; allowed: {list(TASK_SOURCES)}")
+        D.check_shots(shots)
+        k = jax.random.fold_in(jax.random.fold_in(key, shots), TASK_SOURCES.index(task))
+        dtype = params["V"].dtype
+        if task == "target" and ctx.dataset is not None:
+            Z, y = D.sample_from_dataset(k, ctx.dataset, shots, cfg.batch)
+            pred = predict(params, Z, normalization=cfg.normalization)
+        else:
+            dist = ctx.theta0 if task == "target" else cfg.tasks
+            args = (k, shots, cfg.batch, cfg.d, dist, cfg.noise, ctx.cov_factor, dtype)
+            if cfg.sampler == "stats":
+                zq, S, y = D.sample_prompt_stats(*args)
+                pred = predict_from_stats(params, zq, S, shots, normalization=cfg.normalization)
+            else:
+                Z, y = D.sample_prompts(*args)
+                pred = predict(params, Z, normalization=cfg.normalization)
+        return jnp.mean((pred - y) ** 2)
+
+    return risk
+
+
+def _bucket_sizes(steps: int, k: int) -> np.ndarray:
+    idx = np.arange(steps) * k // steps
+    return np.bincount(idx, minlength=k)
+
+
+def train_fn(cfg: TrainConfig):
+    """The pure training function for a static config (see module docstring)."""
+    objective = get_objective(cfg.objective).fn
+    k_hist = min(cfg.history, cfg.steps)
+    counts = jnp.asarray(_bucket_sizes(cfg.steps, k_hist))
+
+    def run(key, params0, lr, ctx: TaskContext, obj_cfg: ObjectiveConfig) -> TrainResult:
+        check_params(params0, cfg.d)
+        labels = param_labels(params0, cfg.subset)
+        opt = make_optimizer(params0, cfg.subset, lr, cfg.optimizer)
+
+        def loss_fn(params, step):
+            progress = step / max(cfg.steps - 1, 1)
+            risk = mc_risk(jax.random.fold_in(key, step), cfg, ctx)
+            return objective(risk, params, progress, obj_cfg)
+
+        def body(carry, step):
+            params, opt_state, hist, bad = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, step)
+            updates, new_state = opt.update(grads, opt_state, params)
+            new_params = apply_updates(params, updates, labels)
+            finite = jnp.isfinite(loss) & jnp.all(
+                jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+            bad = jnp.where((bad < 0) & ~finite, step, bad)
+            ok = bad < 0
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            hist = hist.at[step * k_hist // cfg.steps].add(jnp.where(ok, loss, 0.0))
+            return (keep(new_params, params), keep(new_state, opt_state), hist, bad), loss
+
+        init = (params0, opt.init(params0), jnp.zeros(k_hist, params0["V"].dtype), jnp.asarray(-1))
+        (params, _, hist, bad), losses = jax.lax.scan(body, init, jnp.arange(cfg.steps))
+        return TrainResult(params, hist / counts, losses[-1], bad)
+
+    return run
+
+
+def train(key, params0, lr, ctx: TaskContext, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
+          cfg: TrainConfig = TrainConfig(), check: bool = True) -> TrainResult:
+    """Train one run (jit-compiled); raises TrainingDiverged if check and the loss went non-finite."""
+    res = compiled(cfg)(key, params0, jnp.asarray(lr, params0["V"].dtype), ctx, obj_cfg)
+    if check:
+        raise_if_diverged(res, lr)
+    return res
+
+
+def train_many(keys, params0, lrs, ctx: TaskContext, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
+               cfg: TrainConfig = TrainConfig(), params_batched: bool = False, check: bool = True) -> TrainResult:
+    """R runs in one compiled program, vmapped over keys (R,) and learning rates (R,).
+
+    params0 is shared by all runs unless params_batched (leading axis R).
+    """
+    keys = jnp.asarray(keys)
+    lrs = jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), keys.shape[:1])
+    res = compiled(cfg, batched=True, params_batched=params_batched)(keys, params0, lrs, ctx, obj_cfg)
+    if check:
+        raise_if_diverged(res, lrs)
+    return res
+
+
+_CACHE: dict = {}
+
+
+def compiled(cfg: TrainConfig, batched: bool = False, params_batched: bool = False):
+    """jit (and vmap) of train_fn(cfg), cached per static configuration."""
+    key = (cfg, batched, params_batched)
+    if key not in _CACHE:
+        fn = train_fn(cfg)
+        if batched:
+            fn = jax.vmap(fn, in_axes=(0, 0 if params_batched else None, 0, None, None))
+        _CACHE[key] = jax.jit(fn)
+    return _CACHE[key]
+
+
+def raise_if_diverged(res: TrainResult, lrs) -> None:
+    """Raise TrainingDiverged for the first run whose loss went non-finite."""
+    bad = np.atleast_1d(np.asarray(res.diverged_at))
+    lrs = np.broadcast_to(np.atleast_1d(np.asarray(lrs, dtype=np.float64)), bad.shape)
+    hit = np.flatnonzero(bad >= 0)
+    if hit.size:
+        i = int(hit[0])
+        raise TrainingDiverged(int(bad[i]), float(lrs[i]), run=i if bad.size > 1 else None)
