@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TASK_KINDS = ("sphere", "gaussian")
 
@@ -90,20 +91,80 @@ class PromptStats(NamedTuple):
     y: jax.Array  # (B,) the query's true label
 
 
-def _bartlett(key, k, p: int, batch: int, dtype) -> jax.Array:
+def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
+    """Gamma(a, 1) draws for an array of shapes a > 0, exact (Marsaglia & Tsang 2000).
+
+    One normal and one uniform per lane propose d v, d = a' - 1/3, v = (1 + x / sqrt(9 d))^3,
+    accepted when log u < x^2/2 + d - d v + d log v; shapes a < 1 use a' = a + 1 and the boost
+    Gamma(a) = Gamma(a + 1) U^(1/a). Rejected lanes (a few percent) are redrawn in a while_loop
+    that touches only a small buffer of them, so the cost is about two draws per lane; unlike
+    jax.random.gamma there is no per-lane key split. Returns an array of a's shape.
+    """
+    a = jnp.asarray(a, dtype)
+    shape, flat = a.shape, jnp.ravel(a)
+    size = flat.size
+    boost = flat < 1.0
+    dd = jnp.where(boost, flat + 1.0, flat) - 1.0 / 3.0
+    cc = 1.0 / jnp.sqrt(9.0 * dd)
+
+    def propose(k, dd_, cc_):
+        kx, ku = jax.random.split(k)
+        x = jax.random.normal(kx, dd_.shape, dtype)
+        u = jax.random.uniform(ku, dd_.shape, dtype)
+        v = (1.0 + cc_ * x) ** 3
+        pos = v > 0
+        logv = jnp.log(jnp.where(pos, v, 1.0))
+        ok = pos & (jnp.log(u) < 0.5 * x * x + dd_ - dd_ * v + dd_ * logv)
+        return dd_ * v, ok
+
+    k0, k_boost, k_loop = jax.random.split(key, 3)
+    val, ok = propose(k0, dd, cc)
+    buf = min(size, 64 + size // 16)
+
+    def body(state):
+        val, ok, i = state
+        idx = jnp.nonzero(~ok, size=buf, fill_value=size)[0]
+        safe = jnp.minimum(idx, size - 1)
+        v2, ok2 = propose(jax.random.fold_in(k_loop, i), dd[safe], cc[safe])
+        dest = jnp.where(ok2 & (idx < size), idx, size)  # out of range: dropped
+        return val.at[dest].set(v2, mode="drop"), ok.at[dest].set(True, mode="drop"), i + 1
+
+    val, _, _ = jax.lax.while_loop(lambda s: ~jnp.all(s[1]), body, (val, ok, jnp.asarray(0)))
+    u = jax.random.uniform(k_boost, (size,), dtype, minval=jnp.finfo(dtype).tiny)
+    val = jnp.where(boost, val * jnp.exp(jnp.log(u) / flat), val)
+    return val.reshape(shape)
+
+
+def sample_chi2(key, dof, dtype=jnp.float32) -> jax.Array:
+    """Chi-square draws with dof > 0 degrees of freedom (an array), via sample_gamma."""
+    return 2.0 * sample_gamma(key, jnp.asarray(dof, dtype) / 2.0, dtype)
+
+
+def _tril_from(values: jax.Array, p: int) -> jax.Array:
+    """(..., p(p-1)/2) -> (..., p, p) strictly lower-triangular matrices."""
+    rows, cols = np.tril_indices(p, -1)
+    flat = np.full(p * p, values.shape[-1], np.int32)  # index of an appended zero
+    flat[rows * p + cols] = np.arange(rows.size)
+    padded = jnp.concatenate([values, jnp.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    return padded[..., flat].reshape(values.shape[:-1] + (p, p))
+
+
+def _bartlett(key, k, p: int, batch: int, dtype, off=None) -> jax.Array:
     """Lower-triangular B with B B^T ~ Wishart_p(I, k), any k >= 0 (traced allowed).
 
     Column j exists only for j < k (rank min(k, p)); B_jj^2 ~ chi^2(k - j), below-diagonal N(0, 1).
+    `off` optionally supplies the (batch, p(p-1)/2) below-diagonal normals (drawn here if None).
     """
     k_diag, k_off = jax.random.split(key)
     j = jnp.arange(p)
     live = j < k
-    dof = jnp.where(live, k - j, 1).astype(dtype)
-    chi2 = 2.0 * jax.random.gamma(k_diag, dof / 2.0, (batch, p), dtype)
+    dof = jnp.where(live, k - j, 2).astype(dtype)
+    chi2 = sample_chi2(k_diag, jnp.broadcast_to(dof, (batch, p)), dtype)
     diag = jnp.where(live, jnp.sqrt(chi2), 0.0)
-    off = jax.random.normal(k_off, (batch, p, p), dtype)
-    mask = jnp.tril(jnp.ones((p, p), bool), -1) & live[None, :]
-    return jnp.where(mask, off, 0.0) + diag[:, :, None] * jnp.eye(p, dtype=dtype)
+    if off is None:
+        off = jax.random.normal(k_off, (batch, p * (p - 1) // 2), dtype)
+    low = jnp.where(live[None, None, :], _tril_from(off, p), 0.0)
+    return low + diag[:, :, None] * jnp.eye(p, dtype=dtype)
 
 
 def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float = 0.1,
@@ -112,27 +173,33 @@ def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float 
 
     Demonstrations u = (x, y) ~ N(0, C) with C = A A^T, A = [[L, 0], [theta^T L, sigma]].
     Their sum s ~ sqrt(n) A g and their scatter sum u u^T = s s^T / n + A W A^T with
-    W ~ Wishart(I, n - 1) independent of s. `n` may be a traced integer.
+    W ~ Wishart(I, n - 1) independent of s (Bartlett: p chi-squares, p(p-1)/2 normals).
+    About 3 d + d^2/2 + 8 draws per prompt against (n + 1)(d + 1) for the tokens.
+    `n` may be a traced integer.
     """
     check_shots(n)
-    k_task, k_q, k_eps, k_s, k_w = jax.random.split(key, 5)
+    k_task, k_g, k_w = jax.random.split(key, 3)
     p = d + 1
     theta = sample_tasks(k_task, batch, d, task, dtype)
+    g = jax.random.normal(k_g, (batch, d + 1 + p + p * (p - 1) // 2), dtype)
+    gq, geps, gs, off = g[:, :d], g[:, d], g[:, d + 1 : d + 1 + p], g[:, d + 1 + p :]
+    xq = gq if cov_factor is None else gq @ jnp.asarray(cov_factor, dtype).T
+    sig = jnp.sqrt(jnp.asarray(noise, dtype))
+    yq = jnp.einsum("bd,bd->b", xq, theta) + sig * geps
     Lf = jnp.eye(d, dtype=dtype) if cov_factor is None else jnp.asarray(cov_factor, dtype)
-    xq = jax.random.normal(k_q, (batch, d), dtype) @ Lf.T
-    yq = jnp.einsum("bd,bd->b", xq, theta) + jnp.sqrt(noise) * jax.random.normal(k_eps, (batch,), dtype)
-    A = jnp.zeros((batch, p, p), dtype)
-    A = A.at[:, :d, :d].set(Lf).at[:, d, :d].set(theta @ Lf).at[:, d, d].set(jnp.sqrt(noise))
+    thL = theta @ Lf  # (B, d): the label row of A
+    top = jnp.broadcast_to(jnp.concatenate([Lf, jnp.zeros((d, 1), dtype)], axis=1), (batch, d, p))
+    bottom = jnp.concatenate([thL, jnp.broadcast_to(sig, (batch, 1))], axis=1)[:, None, :]
+    A = jnp.concatenate([top, bottom], axis=1)  # (B, p, p)
     nf = jnp.asarray(n, dtype)
-    s = jnp.sqrt(nf) * jnp.einsum("bij,bj->bi", A, jax.random.normal(k_s, (batch, p), dtype))
-    Bw = _bartlett(k_w, jnp.asarray(n) - 1, p, batch, dtype)
+    s = jnp.sqrt(nf) * jnp.einsum("bij,bj->bi", A, gs)
+    Bw = _bartlett(k_w, jnp.asarray(n) - 1, p, batch, dtype, off=off)
     AB = A @ Bw
     U = jnp.einsum("bi,bj->bij", s, s) / jnp.maximum(nf, 1.0) + AB @ jnp.swapaxes(AB, -1, -2)
-    D = d + 2
-    S = jnp.zeros((batch, D, D), dtype)
-    S = S.at[:, 0, 0].set(nf).at[:, 0, 1:].set(s).at[:, 1:, 0].set(s).at[:, 1:, 1:].set(U)
     zq = jnp.concatenate([jnp.ones((batch, 1), dtype), xq, jnp.zeros((batch, 1), dtype)], axis=-1)
-    S = S + jnp.einsum("bi,bj->bij", zq, zq)
+    head = jnp.concatenate([jnp.broadcast_to(nf, (batch, 1, 1)), s[:, None, :]], axis=2)
+    rest = jnp.concatenate([s[:, :, None], U], axis=2)
+    S = jnp.concatenate([head, rest], axis=1) + jnp.einsum("bi,bj->bij", zq, zq)
     return PromptStats(zq, S, yq)
 
 

@@ -75,7 +75,7 @@ def apply(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=Non
     """
     _check_prompt(params, Z)
     scale = norm_factor(_n_of(Z, n), normalization)
-    scale = jnp.reshape(scale, jnp.shape(scale) + (1, 1))
+    scale = jnp.broadcast_to(scale, Z.shape[:-2])[..., None, None]
     kq_all, wv_all = effective_kq(params), params["V"]
     for layer in range(kq_all.shape[0]):
         Z = _layer(kq_all[layer], wv_all[layer], Z, scale)
@@ -97,7 +97,8 @@ def predict_from_stats(params: Mapping, zq: jax.Array, S: jax.Array, n, *, norma
     kq, v = effective_kq(params)[0], value_row(params)[0]
     u = jnp.einsum("...i,hij->...hj", zq, kq)
     Sv = jnp.einsum("...jk,hk->...hj", S, v)
-    return norm_factor(n, normalization) * jnp.mean(jnp.sum(u * Sv, axis=-1), axis=-1)
+    y = jnp.mean(jnp.sum(u * Sv, axis=-1), axis=-1)
+    return jnp.broadcast_to(norm_factor(n, normalization), y.shape) * y
 
 
 def predict(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=None) -> jax.Array:

@@ -96,4 +96,4 @@ def apply_updates(params: Mapping, updates: Mapping, labels: Mapping) -> dict:
 
 def trainable_norm(grads: Mapping, labels: Mapping) -> jax.Array:
     """Global norm over trainable leaves only (what the clip sees)."""
-    return optax.global_norm({k: g for k, g in grads.items() if labels[k] == "train"})
+    return optax.tree.norm({k: g for k, g in grads.items() if labels[k] == "train"})
