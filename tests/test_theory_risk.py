@@ -97,7 +97,8 @@ def test_gaussian_tasks_match_monte_carlo_identity():
         from theory.risk import risk_from_terms
 
         vals = jax.vmap(lambda t: risk_from_terms(t, jnp.array([0.0, 4.0]), 0.1))(per)
-        mc, se = vals.mean(0), vals.std(0, ddof=1) / np.sqrt(vals.shape[0])
+        mc, se = np.asarray(vals.mean(0)), np.asarray(vals.std(0, ddof=1)) / np.sqrt(vals.shape[0])
+        exact = np.asarray(exact)
     assert np.all(np.abs(exact - mc) <= 4 * se + 1e-9), (exact, mc, se)
 
 
@@ -117,8 +118,8 @@ def test_pretraining_optimum_value():
     with jax.enable_x64(True):
         f = lambda w: risk(icl_params(d, 1.0, w, dtype=jnp.float64), m, "sphere", s2)
         assert abs(float(jax.grad(f)(c))) < 1e-12
-        # closed form of the optimum's risk: 1 + s2 - c
-        assert abs(float(f(c)) - (1 + s2 - c)) < 1e-12
+        # risk(c) = 1 + s2 - 2 c m/(m+1) + c^2 m(m+1+d+d s2)/(m+1)^2, minimal value 1 + s2 - c m/(m+1)
+        assert abs(float(f(c)) - (1 + s2 - c * m / (m + 1))) < 1e-12
 
 
 def test_errors():

@@ -280,6 +280,13 @@ def main(argv=None) -> int:
     p.add_argument("--normalization", default=None, choices=["tokens", "shots"],
                    help="override the file's normalization")
     args = p.parse_args(argv)
+    with jax.enable_x64(True):
+        return _run_cli(args)
+
+
+def _run_cli(args) -> int:
+    from linattn.params import load_params
+
     try:
         params, norm = load_params(args.params, dtype=jnp.float64)
         norm = args.normalization or norm
