@@ -1,0 +1,148 @@
+"""Generic solver on the exact population objective (SPEC sections 3-5).
+
+`solve(objective_name, params0, subset, cfg, theta0, noise, ...)` works for any objective in the
+linattn.objectives registry (including ones users add) and any trainable subset:
+
+- method="flow": population gradient descent that mirrors training step for step -- the optimizer
+  from linattn.optim.make_optimizer (reference: SGD, momentum 0.9, lr 0.01, clip 1.0 over trainable
+  leaves), the same number of steps, progress = step/(steps-1) for schedules -- on the exact
+  objective in float64, via lax.scan. It predicts which minimizer of a degenerate family training
+  reaches, with no fitted constant.
+- method="minimize": L-BFGS (optax.lbfgs) at a fixed progress on the trainable leaves, then
+  pseudo-inverse Newton polishing; returns the end point and its gradient norm.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from linattn.objectives import ObjectiveConfig, get_objective
+from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels, trainable_norm
+from theory.risk import population_objective
+
+
+class SolveResult(NamedTuple):
+    """params: end point (float64 tree); grad_norm: trainable gradient norm there (at the last
+    step's progress); objective: objective value there; history: objective per step (flow) or
+    per iteration (minimize), float64 array."""
+
+    params: dict
+    grad_norm: float
+    objective: float
+    history: jax.Array
+
+
+def _objective_fn(name, cfg, theta0, noise, sigma, normalization):
+    get_objective(name)  # unknown names fail here, before any tracing
+    return lambda p, progress: population_objective(name, p, progress, cfg, theta0, noise, sigma, normalization)
+
+
+def gradient_flow(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(), theta0=None,
+                  noise: float = 0.1, *, steps: int = 5000, lr: float = 0.01,
+                  opt_cfg: OptimizerConfig = OptimizerConfig(), sigma=None,
+                  normalization: str = "tokens") -> SolveResult:
+    """Population gradient descent with the training optimizer (see module docstring)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    f = _objective_fn(name, cfg, theta0, noise, sigma, normalization)
+    with jax.enable_x64(True):
+        params0 = {k: jnp.asarray(v, jnp.float64) for k, v in params0.items()}
+        labels = param_labels(params0, subset)
+        opt = make_optimizer(params0, subset, jnp.asarray(lr, jnp.float64), opt_cfg)
+        denom = max(steps - 1, 1)
+
+        @jax.jit
+        def run(p0):
+            def step(carry, i):
+                p, state = carry
+                progress = i / denom
+                value, grads = jax.value_and_grad(f)(p, progress)
+                updates, state = opt.update(grads, state, p)
+                return (apply_updates(p, updates, labels), state), value
+
+            (p, _), hist = jax.lax.scan(step, (p0, opt.init(p0)), jnp.arange(steps, dtype=jnp.float64))
+            last = jnp.asarray(steps - 1, jnp.float64) / denom
+            value, grads = jax.value_and_grad(f)(p, last)
+            return p, value, trainable_norm(grads, labels), hist
+
+        p, value, gn, hist = run(params0)
+        return SolveResult(p, float(gn), float(value), hist)
+
+
+def _flatten(params, labels):
+    names = [k for k in sorted(params) if labels[k] == "train"]
+    vec = jnp.concatenate([params[k].reshape(-1) for k in names])
+
+    def unflat(x):
+        out, i = dict(params), 0
+        for k in names:
+            n = params[k].size
+            out[k] = x[i : i + n].reshape(params[k].shape)
+            i += n
+        return out
+
+    return vec, unflat
+
+
+def minimize(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(), theta0=None,
+             noise: float = 0.1, *, progress: float = 1.0, iters: int = 500, newton_steps: int = 3,
+             sigma=None, normalization: str = "tokens") -> SolveResult:
+    """A minimizer of the objective at fixed `progress` over the subset's leaves.
+
+    L-BFGS for `iters` iterations, then `newton_steps` pseudo-inverse Newton steps (which move only
+    in directions the objective sees, so degenerate directions stay where L-BFGS left them).
+    """
+    f = _objective_fn(name, cfg, theta0, noise, sigma, normalization)
+    with jax.enable_x64(True):
+        params0 = {k: jnp.asarray(v, jnp.float64) for k, v in params0.items()}
+        labels = param_labels(params0, subset)
+        x0, unflat = _flatten(params0, labels)
+        fx = lambda x: f(unflat(x), jnp.asarray(progress, jnp.float64))
+        opt = optax.lbfgs()
+        vg = optax.value_and_grad_from_state(fx)
+
+        @jax.jit
+        def run(x):
+            def step(carry, _):
+                x, state = carry
+                value, grad = vg(x, state=state)
+                updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fx)
+                return (optax.apply_updates(x, updates), state), value
+
+            (x, _), hist = jax.lax.scan(step, (x, opt.init(x)), None, length=iters)
+            return x, hist
+
+        x, hist = run(x0)
+        grad_f, hess_f = jax.jit(jax.grad(fx)), jax.jit(jax.hessian(fx))
+        for _ in range(newton_steps):
+            cand = x - jnp.linalg.pinv(hess_f(x), rtol=1e-10) @ grad_f(x)
+            if jnp.linalg.norm(grad_f(cand)) < jnp.linalg.norm(grad_f(x)):
+                x = cand
+        return SolveResult(unflat(x), float(jnp.linalg.norm(grad_f(x))), float(fx(x)), hist)
+
+
+def solve(objective_name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(),
+          theta0=None, noise: float = 0.1, *, method: str = "flow", sigma=None, normalization: str = "tokens",
+          **kwargs) -> SolveResult:
+    """Solve a registered objective on the exact population risk.
+
+    Args:
+      objective_name: a name in linattn.objectives (e.g. "pretrain", "zs", "zsfs").
+      params0: starting parameters (one layer; merged or separate).
+      subset: trainable subset (linattn.optim: "all", "v", "kq", "k", "q" or a function of the leaf).
+      cfg: ObjectiveConfig (m, n_ft, schedule, ...).
+      theta0: the fine-tuning task (for objectives that read the "target" task).
+      noise: label-noise variance.
+      method: "flow" (gradient_flow: steps, lr, opt_cfg) or "minimize" (progress, iters, newton_steps).
+    """
+    if method == "flow":
+        return gradient_flow(objective_name, params0, subset, cfg, theta0, noise, sigma=sigma,
+                             normalization=normalization, **kwargs)
+    if method == "minimize":
+        return minimize(objective_name, params0, subset, cfg, theta0, noise, sigma=sigma,
+                        normalization=normalization, **kwargs)
+    raise ValueError(f"method {method!r} unknown; allowed: ['flow', 'minimize']")
