@@ -191,6 +191,8 @@ def risk(params: Mapping, shots, task: Task = "sphere", noise=0.1, sigma=None, n
 
     Returns:
       float64 array; differentiable in params (and in a fixed task vector) with jax.grad.
+      Take gradients inside `with jax.enable_x64(True):` (jax.grad traced outside it runs in
+      float32); the forward value is float64 either way.
     """
     check_normalization(normalization)
     scalar = np.ndim(shots) == 0
