@@ -1,0 +1,354 @@
+"""Figures of the forgetting study, drawn from saved results only (no training).
+
+    python -m sims.plot DIR      # DIR holds results.json and results.npz from sims.forgetting
+
+Every figure is written as DIR/NAME.png and DIR/NAME.pdf. Colours: one hue per trainable subset
+(all red, KQ/K blue, Q purple, V green), dark solid for ZS, light dashed for ZS+FS, orange for the
+replay objective, black for the pretrained model; the same in every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+TASK_TITLES = {"theta0": r"fine-tuned task $\theta_0$", "minus_theta0": r"unseen task $-\theta_0$",
+               "random": "random unseen tasks"}
+HUES = {"all": ("#b2182b", "#ef8a62"), "kq": ("#2166ac", "#67a9cf"), "k": ("#2166ac", "#67a9cf"),
+        "q": ("#762a83", "#c2a5cf"), "v": ("#1b7837", "#7fbf7b")}
+FIGURES = ("fig1_pretrained_by_d", "fig2_zs_family", "fig3_value_family", "fig4_theory_vs_sim", "fig5_methods",
+           "fig6_losses", "fig7_heatmaps_merged", "fig7_heatmaps_separate", "fig8_frontier")
+
+
+def style(name: str, info: dict | None = None) -> dict:
+    """Colour, line style and marker of a method (consistent across figures)."""
+    if name.endswith("pretrained"):
+        return {"color": "black", "ls": "-", "marker": "o"}
+    if "replay" in name:
+        return {"color": "#e08214", "ls": "-.", "marker": "D"}
+    subset = name.rsplit("_", 1)[-1]
+    fs = "zsfs" in name
+    return {"color": HUES[subset][1 if fs else 0], "ls": "--" if fs else "-", "marker": "s" if fs else "o"}
+
+
+def label(name: str, res: dict) -> str:
+    m = res["methods"][name]
+    return m["label"]
+
+
+def _tidy_log_axes(fig) -> None:
+    """Plain tick labels on log axes (no crowded minor labels)."""
+    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+
+    for ax in fig.axes:
+        for axis, scale in ((ax.yaxis, ax.get_yscale()), (ax.xaxis, ax.get_xscale())):
+            if scale == "log":
+                axis.set_minor_formatter(NullFormatter())
+                axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(0, 0)))
+
+
+def save(fig, out: Path, name: str) -> None:
+    _tidy_log_axes(fig)
+    fig.savefig(out / f"{name}.png", dpi=130, bbox_inches="tight")
+    fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
+    plt.close(fig)
+
+
+def load(out) -> tuple[dict, dict]:
+    out = Path(out)
+    res = json.loads((out / "results.json").read_text())
+    with np.load(out / "results.npz") as z:
+        arr = {k: z[k] for k in z.files}
+    return res, arr
+
+
+def _curve(res, name, task):
+    c = res["methods"][name]["curves"][task]
+    return {k: (np.asarray(v) if v is not None else None) for k, v in c.items()}
+
+
+def _errorbar(ax, shots, mean, se, st, lab=None, every=2):
+    idx = np.arange(0, len(shots), every)
+    ax.errorbar(shots[idx], mean[idx], yerr=se[idx], fmt=st["marker"], ms=3.5, color=st["color"], capsize=1.5,
+                lw=0.8, label=lab, mfc="white" if st["ls"] == "--" else st["color"])
+
+
+# ---------------------------------------------------------------- the figures
+def fig_pretrained_by_d(res, arr, out):
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    cmap = plt.get_cmap("viridis")
+    ds = res["pretrain_ds"]
+    shots = arr["shots"]
+    for i, d in enumerate(ds):
+        col = cmap(i / max(len(ds) - 1, 1) * 0.85)
+        if d == res["config"]["d"]:
+            c = _curve(res, "pretrained", "random")
+            th, opt, mean, se = c["theory"], c["theory_optimum"], c["sim_mean"], c["sim_se"]
+        else:
+            sm, ss, t = arr[f"pretrain_d{d}/sim_mean"], arr[f"pretrain_d{d}/sim_se"], arr[f"pretrain_d{d}/theory"]
+            S = sm.shape[0]
+            mean, th, opt = sm.mean(0), t.mean(0), arr[f"pretrain_d{d}/theory_optimum"]
+            se = np.sqrt(np.sum(ss**2, 0) / S**2 + (np.var(t, 0, ddof=1) / S if S > 1 else 0))
+        ax.plot(shots, th, color=col, lw=1.5, label=f"d = {d}: theory (trained)")
+        ax.plot(shots, opt, color=col, lw=1, ls=":", label=None)
+        _errorbar(ax, shots, mean, se, {"color": col, "marker": "o", "ls": "-"})
+    ax.plot([], [], color="gray", ls=":", label="theory (closed-form optimum)")
+    ax.errorbar([], [], yerr=[], fmt="o", color="gray", label="simulation (mean ± SE)")
+    ax.axvline(res["config"]["m"], color="gray", lw=0.6, ls="--")
+    ax.set(xlabel="shots n", ylabel="test error (random tasks)", yscale="log",
+           title="Pretrained model: ICL error vs shots")
+    ax.legend(fontsize=7)
+    save(fig, out, "fig1_pretrained_by_d")
+
+
+def fig_zs_family(res, arr, out):
+    shots = arr["shots"]
+    ws, curves, wf = arr["families/zs_w"], arr["families/zs_curves"], float(arr["families/zs_w_flow"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
+    cmap = plt.get_cmap("copper")
+    for j, task in enumerate(("theta0", "minus_theta0")):
+        ax = axes[j]
+        t = res["tasks"].index(task)
+        for i, w in enumerate(ws):
+            ax.plot(shots, curves[i, t], color=cmap(i / max(len(ws) - 1, 1)), lw=1.2,
+                    label=f"family member w = 1/KQ[0,0] = {w:.2f}")
+        c = _curve(res, "zs_all", task)
+        ax.plot(shots, c["theory_optimum"], color="k", ls="--", lw=1.5, label=f"gradient-flow prediction (w = {wf:.2f})")
+        _errorbar(ax, shots, c["sim_mean"], c["sim_se"], style("zs_all"), "simulation ZS (all)")
+        ax.set(xlabel="shots n", ylabel="test error", title=f"Full ZS fine-tuning minimizers: {TASK_TITLES[task]}",
+               yscale="log")
+        ax.title.set_fontsize(9)
+    axes[1].legend(fontsize=6.5)
+    save(fig, out, "fig2_zs_family")
+
+
+def fig_value_family(res, arr, out):
+    shots = arr["shots"]
+    om, curves = arr["families/v_omega"], arr["families/v_curves"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    cmap = plt.get_cmap("viridis")
+    for j, task in enumerate(("theta0", "minus_theta0")):
+        ax = axes[j]
+        t = res["tasks"].index(task)
+        for i, o in enumerate(om):
+            ax.plot(shots, curves[i, t], color=cmap(i / max(len(om) - 1, 1) * 0.9), lw=1.2, label=f"g·w = {o:.3f}")
+        ax.set(xlabel="shots n", ylabel="test error", title=f"Value-only ZS family: {TASK_TITLES[task]}", yscale="log")
+        ax.title.set_fontsize(9)
+    axes[0].legend(fontsize=7)
+    ax = axes[2]
+    n, ws = arr["families/wstar_n"], arr["families/wstar"]
+    nft = res["config"]["n_ft"]
+    ax.plot(n, ws, color="#1b7837", lw=1.5, label=r"$w^*(n)$ (closed form)")
+    ax.axvline(nft, color="gray", ls="--", lw=0.8)
+    ax.plot([nft], [np.interp(nft, n, ws)], "o", color="#1b7837", label=f"w*(n_ft = {nft}) = {np.interp(nft, n, ws):.4f}")
+    fo = np.atleast_1d(arr["families/zsfs_v_flow_omega"])
+    ax.plot([nft], [fo[0]], "k*", ms=9, label=f"gradient flow, ZS+FS (V): {fo[0]:.4f}")
+    key = "zsfs_v/params/KQ"
+    if key in arr:
+        kq, v = arr["zsfs_v/params/KQ"][:, 0, 0], arr["zsfs_v/params/V"][:, 0, 0, -1, -1]
+        d = kq.shape[-1] - 2
+        om_tr = np.trace(kq[:, 1 : d + 1, 1 : d + 1], axis1=-2, axis2=-1) / d * v
+        ax.plot(np.full_like(om_tr, nft) + 0.6, om_tr, "x", color="#7fbf7b", label="trained seeds (g·w)")
+    ax.set(xlabel="n", ylabel="g·w", title=r"$w^*(n)$, minimizer of the n-shot error on $\theta_0$")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    save(fig, out, "fig3_value_family")
+
+
+def fig_theory_vs_sim(res, arr, out):
+    names = ["pretrained", "zs_all", "zs_v", "zsfs_v"]
+    shots = arr["shots"]
+    fig, axes = plt.subplots(3, 4, figsize=(13, 8.2), sharex=True)
+    for j, name in enumerate(names):
+        st = style(name)
+        for i, task in enumerate(res["tasks"]):
+            ax = axes[i, j]
+            c = _curve(res, name, task)
+            ax.plot(shots, c["theory"], color=st["color"], lw=1.4, label="exact risk of the trained weights")
+            if c["theory_optimum"] is not None:
+                ax.plot(shots, c["theory_optimum"], color="gray", lw=1.2, ls="--",
+                        label="exact risk of the predicted weights" if name != "pretrained" else "exact risk of the closed-form optimum")
+            _errorbar(ax, shots, c["sim_mean"], c["sim_se"], {**st, "ls": "-"}, "simulation (mean ± SE)")
+            if i == 0:
+                ax.set_title(label(name, res), fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"error, {TASK_TITLES[task]}", fontsize=8)
+            if i == 2:
+                ax.set_xlabel("shots n")
+            ax.set_yscale("log")
+    axes[0, 0].legend(fontsize=6.5)
+    axes[0, 1].legend(fontsize=6.5)
+    fig.suptitle("Theory vs simulation", y=1.0)
+    save(fig, out, "fig4_theory_vs_sim")
+
+
+def _methods_of(res, model):
+    return [n for n, m in res["methods"].items() if m["model"] == model]
+
+
+def fig_methods(res, arr, out):
+    shots = arr["shots"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.4), sharex=True)
+    for r, model in enumerate(("merged", "separate")):
+        for t, task in enumerate(res["tasks"]):
+            ax = axes[r, t]
+            for name in _methods_of(res, model):
+                st = style(name)
+                per_seed = arr[f"{name}/sim_mean"][:, t]
+                c = _curve(res, name, task)
+                ax.plot(shots, c["sim_mean"], color=st["color"], ls=st["ls"], lw=1.3, label=label(name, res))
+                if per_seed.shape[0] > 1:
+                    ax.fill_between(shots, per_seed.min(0), per_seed.max(0), color=st["color"], alpha=0.15, lw=0)
+            ax.set_yscale("log")
+            ax.set_title(f"{'merged KQ' if model == 'merged' else 'separate K, Q'}: {TASK_TITLES[task]}", fontsize=9)
+            if r == 1:
+                ax.set_xlabel("shots n")
+            if t == 0:
+                ax.set_ylabel("test error (simulation)")
+        axes[r, 2].legend(fontsize=6.5, loc="upper right", ncol=2)
+    fig.suptitle("Every method (lines: seed mean; bands: range over seeds)", y=1.0)
+    save(fig, out, "fig5_methods")
+
+
+def fig_losses(res, arr, out):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    cfg = res["config"]
+    for name in ("pretrained", "sep_pretrained"):
+        h = arr[f"{name}/history"]
+        x = (np.arange(h.shape[1]) + 0.5) * cfg["steps"] / h.shape[1]
+        ls = "-" if name == "pretrained" else "--"
+        axes[0].plot(x, h.mean(0), color="k", ls=ls, label="merged" if name == "pretrained" else "separate")
+    axes[0].set(title=f"pretraining loss ({cfg['m']}-shot, random tasks)", xlabel="step", yscale="log")
+    for k, model in enumerate(("merged", "separate")):
+        ax = axes[k + 1]
+        for name in _methods_of(res, model):
+            if name.endswith("pretrained"):
+                continue
+            st = style(name)
+            h = arr[f"{name}/history"]
+            x = (np.arange(h.shape[1]) + 0.5) * cfg["ft_steps"] / h.shape[1]
+            ax.plot(x, h.mean(0), color=st["color"], ls=st["ls"], lw=1.2, label=label(name, res))
+            if h.shape[0] > 1:
+                ax.fill_between(x, h.min(0), h.max(0), color=st["color"], alpha=0.15, lw=0)
+        ax.axhline(cfg["noise"], color="gray", lw=0.6, ls=":")
+        ax.set(title=f"fine-tuning objective ({'merged KQ' if model == 'merged' else 'separate K, Q'})", xlabel="step",
+               yscale="log")
+        ax.legend(fontsize=6.5, ncol=2)
+    for ax in axes:
+        ax.title.set_fontsize(9)
+    save(fig, out, "fig6_losses")
+
+
+def fig_heatmaps(res, arr, out, model):
+    names = _methods_of(res, model)
+    pre = "pretrained" if model == "merged" else "sep_pretrained"
+    names = [pre] + [n for n in names if n != pre]
+
+    def mats(name):
+        if f"{name}/params/KQ" in arr:
+            kq = arr[f"{name}/params/KQ"][0, 0, 0]
+        else:
+            q, k = arr[f"{name}/params/Q"][0, 0, 0], arr[f"{name}/params/K"][0, 0, 0]
+            kq = q.T @ k
+        return kq, arr[f"{name}/params/V"][0, 0, 0]
+
+    all_m = [mats(n) for n in names]
+    vmax = max(max(np.abs(a).max(), np.abs(b).max()) for a, b in all_m)
+    fig, axes = plt.subplots(2, len(names), figsize=(1.55 * len(names) + 1, 3.6))
+    for j, (name, (kq, v)) in enumerate(zip(names, all_m)):
+        for i, (mat, what) in enumerate(((kq, "KQ"), (v, "V"))):
+            ax = axes[i, j]
+            im = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(what + (" (= QᵀK)" if model == "separate" and what == "KQ" else ""), fontsize=8)
+            if i == 0:
+                ax.set_title(label(name, res), fontsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.7)
+    fig.suptitle(f"Seed-0 weights before/after fine-tuning ({'merged KQ' if model == 'merged' else 'separate K, Q'}; "
+                 "token order 1, x, y)", fontsize=9)
+    save(fig, out, f"fig7_heatmaps_{model}")
+
+
+def fig_frontier(res, arr, out):
+    cfg = res["config"]
+    nft = cfg["n_ft"]
+    ti, tm, tr = (res["tasks"].index(t) for t in ("theta0", "minus_theta0", "random"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for k, (ty, ylab) in enumerate(((tm, f"{nft}-shot error on unseen task $-\\theta_0$"),
+                                    (tr, f"{nft}-shot error on random unseen tasks"))):
+        ax = axes[k]
+        for name, m in res["methods"].items():
+            st = style(name)
+            c = m["curves"]
+            x, y = c["theta0"], c[res["tasks"][ty]]
+            ax.errorbar(x["sim_mean"][0], y["sim_mean"][nft], xerr=x["sim_se"][0], yerr=y["sim_se"][nft],
+                        fmt=st["marker"], color=st["color"], ms=5, mfc="white" if st["ls"] == "--" else st["color"],
+                        label=("sep. " if m["model"] == "separate" else "") + m["label"])
+            if x["theory_optimum"] is not None:
+                ax.plot(x["theory_optimum"][0], y["theory_optimum"][nft], "+", color=st["color"], ms=8)
+        for name, sw in res["sweeps"].items():
+            st = style(name)
+            fr = arr[f"sweep/{name}/frontier_theory"]
+            ax.plot(fr[:, ti, 0], fr[:, ty, nft], color=st["color"], ls=":", lw=1.4,
+                    label=f"theory: {res['methods'][name]['label']}, weight λ swept")
+            for g, lam in enumerate(sw["frontier_weights"]):
+                ax.annotate(f"{lam:g}", (fr[g, ti, 0], fr[g, ty, nft]), fontsize=6, color=st["color"],
+                            xytext=(2, 2), textcoords="offset points")
+            sm, ss = arr[f"sweep/{name}/sim_mean"], arr[f"sweep/{name}/sim_se"]  # (W, S', T, N)
+            for w, lam in enumerate(sw["weights"]):
+                ax.errorbar(sm[w, :, ti, 0].mean(), sm[w, :, ty, nft].mean(), fmt="^", color=st["color"], ms=5,
+                            xerr=np.sqrt((ss[w, :, ti, 0] ** 2).sum()) / ss.shape[1],
+                            yerr=np.sqrt((ss[w, :, ty, nft] ** 2).sum()) / ss.shape[1])
+                ax.annotate(f"λ={lam:g}", (sm[w, :, ti, 0].mean(), sm[w, :, ty, nft].mean()), fontsize=7,
+                            color=st["color"], xytext=(4, -8), textcoords="offset points")
+        ax.plot([], [], "k+", ms=8, label="theory prediction (gradient flow / optimum)")
+        ax.plot([], [], "k^", ms=5, label="simulation at another λ")
+        ax.set(xlabel=r"zero-shot error on the fine-tuned task $\theta_0$", ylabel=ylab, xscale="log", yscale="log")
+        if k == 1:
+            ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Forgetting frontier: fitting the target zero-shot vs keeping in-context learning", fontsize=10)
+    save(fig, out, "fig8_frontier")
+
+
+def plot_all(out) -> list[str]:
+    """Draw every figure into the run folder; returns the PNG paths."""
+    out = Path(out)
+    res, arr = load(out)
+    fig_pretrained_by_d(res, arr, out)
+    fig_zs_family(res, arr, out)
+    fig_value_family(res, arr, out)
+    fig_theory_vs_sim(res, arr, out)
+    fig_methods(res, arr, out)
+    fig_losses(res, arr, out)
+    fig_heatmaps(res, arr, out, "merged")
+    fig_heatmaps(res, arr, out, "separate")
+    fig_frontier(res, arr, out)
+    return [str(out / f"{n}.png") for n in FIGURES]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m sims.plot DIR   (DIR holds results.json and results.npz)", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    if not (out / "results.json").exists() or not (out / "results.npz").exists():
+        print(f"python -m sims.plot: error: {out} has no results.json/results.npz (run python -m sims.forgetting first)",
+              file=sys.stderr)
+        return 2
+    for p in plot_all(out):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
