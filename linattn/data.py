@@ -17,6 +17,7 @@ Two prompt samplers give the same distribution of the one-layer prediction:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -24,6 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 
 TASK_KINDS = ("sphere", "gaussian")
+
+
+def _flat(sampler, key, shape, *args, **kwargs) -> jax.Array:
+    """sampler(key, shape, ...) drawn as one flat vector and reshaped.
+
+    With jax_threefry_partitionable (the default) the values are bit-identical to drawing `shape`
+    directly, and on CPU the flat draw is 1.5-3x faster for the batched shapes used here.
+    """
+    shape = tuple(int(s) for s in shape)
+    return sampler(key, (math.prod(shape),), *args, **kwargs).reshape(shape)
+
+
+def _normal(key, shape, dtype=jnp.float32) -> jax.Array:
+    return _flat(jax.random.normal, key, shape, dtype)
 
 
 def check_shots(n) -> None:
@@ -42,7 +57,7 @@ def sample_tasks(key: jax.Array, batch: int, d: int, task="sphere", dtype=jnp.fl
     if isinstance(task, str):
         if task not in TASK_KINDS:
             raise ValueError(f"task distribution {task!r} unknown; allowed: {list(TASK_KINDS)} or a (d,) vector")
-        g = jax.random.normal(key, (batch, d), dtype)
+        g = _normal(key, (batch, d), dtype)
         if task == "sphere":
             return g / jnp.linalg.norm(g, axis=-1, keepdims=True)
         return g / jnp.sqrt(jnp.asarray(d, dtype))
@@ -54,7 +69,7 @@ def sample_tasks(key: jax.Array, batch: int, d: int, task="sphere", dtype=jnp.fl
 
 def sample_covariates(key, shape: tuple, d: int, cov_factor=None, dtype=jnp.float32) -> jax.Array:
     """x ~ N(0, Sigma), shape shape + (d,); cov_factor L with L L^T = Sigma (None: identity)."""
-    g = jax.random.normal(key, tuple(shape) + (d,), dtype)
+    g = _normal(key, tuple(shape) + (d,), dtype)
     if cov_factor is None:
         return g
     return g @ jnp.asarray(cov_factor, dtype).T
@@ -81,7 +96,7 @@ def sample_prompts(key, n: int, batch: int, d: int, task="sphere", noise: float 
     k_task, k_x, k_eps = jax.random.split(key, 3)
     theta = sample_tasks(k_task, batch, d, task, dtype)
     x = sample_covariates(k_x, (batch, n + 1), d, cov_factor, dtype)
-    y = jnp.einsum("bnd,bd->bn", x, theta) + jnp.sqrt(noise) * jax.random.normal(k_eps, (batch, n + 1), dtype)
+    y = jnp.einsum("bnd,bd->bn", x, theta) + jnp.sqrt(noise) * _normal(k_eps, (batch, n + 1), dtype)
     return Prompts(build_prompt(x, y), y[:, -1])
 
 
@@ -140,6 +155,14 @@ def sample_chi2(key, dof, dtype=jnp.float32) -> jax.Array:
     return 2.0 * sample_gamma(key, jnp.asarray(dof, dtype) / 2.0, dtype)
 
 
+def _bmm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Batched product of small matrices (..., i, k) (..., k, j) as a broadcast sum.
+
+    On CPU, XLA's batched dot for 6 x 6 blocks is about 3x slower than this fused elementwise form.
+    """
+    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+
 def _tril_from(values: jax.Array, p: int) -> jax.Array:
     """(..., p(p-1)/2) -> (..., p, p) strictly lower-triangular matrices."""
     rows, cols = np.tril_indices(p, -1)
@@ -160,11 +183,11 @@ def _bartlett(key, k, p: int, batch: int, dtype, off=None) -> jax.Array:
     live = j < k
     dof = jnp.where(live, k - j, 2).astype(dtype)
     chi2 = sample_chi2(k_diag, jnp.broadcast_to(dof, (batch, p)), dtype)
-    diag = jnp.where(live, jnp.sqrt(chi2), 0.0)
+    diag = jnp.where(live[None, :], jnp.sqrt(chi2), 0.0)
     if off is None:
-        off = jax.random.normal(k_off, (batch, p * (p - 1) // 2), dtype)
+        off = _normal(k_off, (batch, p * (p - 1) // 2), dtype)
     low = jnp.where(live[None, None, :], _tril_from(off, p), 0.0)
-    return low + diag[:, :, None] * jnp.eye(p, dtype=dtype)
+    return low + diag[:, :, None] * jnp.eye(p, dtype=dtype)[None]
 
 
 def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float = 0.1,
@@ -181,7 +204,7 @@ def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float 
     k_task, k_g, k_w = jax.random.split(key, 3)
     p = d + 1
     theta = sample_tasks(k_task, batch, d, task, dtype)
-    g = jax.random.normal(k_g, (batch, d + 1 + p + p * (p - 1) // 2), dtype)
+    g = _normal(k_g, (batch, d + 1 + p + p * (p - 1) // 2), dtype)
     gq, geps, gs, off = g[:, :d], g[:, d], g[:, d + 1 : d + 1 + p], g[:, d + 1 + p :]
     xq = gq if cov_factor is None else gq @ jnp.asarray(cov_factor, dtype).T
     sig = jnp.sqrt(jnp.asarray(noise, dtype))
@@ -192,14 +215,14 @@ def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float 
     bottom = jnp.concatenate([thL, jnp.broadcast_to(sig, (batch, 1))], axis=1)[:, None, :]
     A = jnp.concatenate([top, bottom], axis=1)  # (B, p, p)
     nf = jnp.asarray(n, dtype)
-    s = jnp.sqrt(nf) * jnp.einsum("bij,bj->bi", A, gs)
+    s = jnp.sqrt(nf) * jnp.sum(A * gs[:, None, :], axis=-1)
     Bw = _bartlett(k_w, jnp.asarray(n) - 1, p, batch, dtype, off=off)
-    AB = A @ Bw
-    U = jnp.einsum("bi,bj->bij", s, s) / jnp.maximum(nf, 1.0) + AB @ jnp.swapaxes(AB, -1, -2)
+    AB = _bmm(A, Bw)
+    U = s[:, :, None] * s[:, None, :] / jnp.maximum(nf, 1.0) + _bmm(AB, jnp.swapaxes(AB, -1, -2))
     zq = jnp.concatenate([jnp.ones((batch, 1), dtype), xq, jnp.zeros((batch, 1), dtype)], axis=-1)
     head = jnp.concatenate([jnp.broadcast_to(nf, (batch, 1, 1)), s[:, None, :]], axis=2)
     rest = jnp.concatenate([s[:, :, None], U], axis=2)
-    S = jnp.concatenate([head, rest], axis=1) + jnp.einsum("bi,bj->bij", zq, zq)
+    S = jnp.concatenate([head, rest], axis=1) + zq[:, :, None] * zq[:, None, :]
     return PromptStats(zq, S, yq)
 
 
@@ -225,12 +248,12 @@ def make_finetune_dataset(key, theta0, size: int = 100_000, noise: float = 0.1, 
         raise ValueError(f"fine-tuning dataset size must be >= 1; got {size}")
     k_x, k_eps = jax.random.split(key)
     x = sample_covariates(k_x, (size,), theta0.shape[0], cov_factor, dtype)
-    return FineTuneData(x, x @ theta0 + jnp.sqrt(noise) * jax.random.normal(k_eps, (size,), dtype))
+    return FineTuneData(x, x @ theta0 + jnp.sqrt(noise) * _normal(k_eps, (size,), dtype))
 
 
 def sample_from_dataset(key, data: FineTuneData, n: int, batch: int) -> Prompts:
     """B prompts of n + 1 examples drawn from the dataset with replacement; the last is the query."""
     check_shots(n)
-    idx = jax.random.randint(key, (batch, n + 1), 0, data.x.shape[0])
+    idx = _flat(jax.random.randint, key, (batch, n + 1), 0, data.x.shape[0])
     x, y = data.x[idx], data.y[idx]
     return Prompts(build_prompt(x, y), y[:, -1])

@@ -92,18 +92,38 @@ class TrainingDiverged(FloatingPointError):
         self.step, self.lr, self.run = step, lr, run
 
 
+def _outer_sum(Z: jax.Array) -> jax.Array:
+    """sum_n z_n z_n^T of prompts (..., N, D), as a fused broadcast sum (faster on CPU than a
+    batched dot of 7 x 21 blocks); the same numbers as linattn.data.prompt_stats up to rounding."""
+    return jnp.sum(Z[..., :, :, None] * Z[..., :, None, :], axis=-3)
+
+
 def mc_risk(key, cfg: TrainConfig, ctx: TaskContext):
-    """risk(params, shots, task): minibatch mean squared error of the query prediction."""
+    """risk(params, shots, task): minibatch mean squared error of the query prediction.
+
+    Within one risk function (one step) a (params, shots, task) triple is evaluated once: an
+    objective that names the same term twice, or several objectives summed, share it.
+    One-layer models read prompts through their statistics (zq, S), built once per minibatch.
+    """
+    cache: dict = {}
 
     def risk(params, shots: int, task: str):
         if task not in TASK_SOURCES:
             raise ValueError(f"task source {task!r} unknown; allowed: {list(TASK_SOURCES)}")
         D.check_shots(shots)
+        memo = (id(params), int(shots), task)
+        if memo in cache:
+            return cache[memo][1]
         k = jax.random.fold_in(jax.random.fold_in(key, shots), TASK_SOURCES.index(task))
         dtype = params["V"].dtype
+        one_layer = params["V"].shape[0] == 1
         if task == "target" and ctx.dataset is not None:
             Z, y = D.sample_from_dataset(k, ctx.dataset, shots, cfg.batch)
-            pred = predict(params, Z, normalization=cfg.normalization)
+            Z = Z.astype(dtype)
+            if one_layer:
+                pred = predict_from_stats(params, Z[:, -1], _outer_sum(Z), shots, normalization=cfg.normalization)
+            else:
+                pred = predict(params, Z, normalization=cfg.normalization)
         else:
             dist = ctx.theta0 if task == "target" else cfg.tasks
             args = (k, shots, cfg.batch, cfg.d, dist, cfg.noise, ctx.cov_factor, dtype)
@@ -112,8 +132,14 @@ def mc_risk(key, cfg: TrainConfig, ctx: TaskContext):
                 pred = predict_from_stats(params, zq, S, shots, normalization=cfg.normalization)
             else:
                 Z, y = D.sample_prompts(*args)
-                pred = predict(params, Z, normalization=cfg.normalization)
-        return jnp.mean((pred - y) ** 2)
+                if one_layer:  # the query label is zero, so predict() reduces to this
+                    pred = predict_from_stats(params, Z[:, -1], _outer_sum(Z), shots,
+                                              normalization=cfg.normalization)
+                else:
+                    pred = predict(params, Z, normalization=cfg.normalization)
+        value = jnp.mean((pred - y) ** 2)
+        cache[memo] = (params, value)  # keep params alive so its id is not reused
+        return value
 
     return risk
 
@@ -123,11 +149,34 @@ def _bucket_sizes(steps: int, k: int) -> np.ndarray:
     return np.bincount(idx, minlength=k)
 
 
+def _scan_train(cfg: TrainConfig, key, params0, opt, loss_fn, step_update) -> TrainResult:
+    """lax.scan over cfg.steps optimizer steps with divergence guard and bucketed history.
+
+    loss_fn(params, step) -> scalar; step_update(grads, opt_state, params) -> (new_params, new_state).
+    """
+    k_hist = min(cfg.history, cfg.steps)
+    counts = jnp.asarray(_bucket_sizes(cfg.steps, k_hist))
+
+    def body(carry, step):
+        params, opt_state, hist, bad = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, step)
+        new_params, new_state = step_update(grads, opt_state, params)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+        bad = jnp.where((bad < 0) & ~finite, step, bad)
+        ok = bad < 0
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        hist = hist.at[step * k_hist // cfg.steps].add(jnp.where(ok, loss, 0.0))
+        return (keep(new_params, params), keep(new_state, opt_state), hist, bad), loss
+
+    init = (params0, opt.init(params0), jnp.zeros(k_hist, params0["V"].dtype), jnp.asarray(-1))
+    (params, _, hist, bad), losses = jax.lax.scan(body, init, jnp.arange(cfg.steps))
+    return TrainResult(params, hist / counts, losses[-1], bad)
+
+
 def train_fn(cfg: TrainConfig):
     """The pure training function for a static config (see module docstring)."""
     objective = get_objective(cfg.objective).fn
-    k_hist = min(cfg.history, cfg.steps)
-    counts = jnp.asarray(_bucket_sizes(cfg.steps, k_hist))
 
     def run(key, params0, lr, ctx: TaskContext, obj_cfg: ObjectiveConfig) -> TrainResult:
         check_params(params0, cfg.d)
@@ -139,24 +188,90 @@ def train_fn(cfg: TrainConfig):
             risk = mc_risk(jax.random.fold_in(key, step), cfg, ctx)
             return objective(risk, params, progress, obj_cfg)
 
-        def body(carry, step):
-            params, opt_state, hist, bad = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, step)
+        def step_update(grads, opt_state, params):
             updates, new_state = opt.update(grads, opt_state, params)
-            new_params = apply_updates(params, updates, labels)
-            finite = jnp.isfinite(loss) & jnp.all(
-                jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
-            bad = jnp.where((bad < 0) & ~finite, step, bad)
-            ok = bad < 0
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-            hist = hist.at[step * k_hist // cfg.steps].add(jnp.where(ok, loss, 0.0))
-            return (keep(new_params, params), keep(new_state, opt_state), hist, bad), loss
+            return apply_updates(params, updates, labels), new_state
 
-        init = (params0, opt.init(params0), jnp.zeros(k_hist, params0["V"].dtype), jnp.asarray(-1))
-        (params, _, hist, bad), losses = jax.lax.scan(body, init, jnp.arange(cfg.steps))
-        return TrainResult(params, hist / counts, losses[-1], bad)
+        return _scan_train(cfg, key, params0, opt, loss_fn, step_update)
 
     return run
+
+
+def methods_fn(cfg: TrainConfig, objectives: tuple):
+    """Training function for one method given as data: objective weights and a trainable mask.
+
+    run(key, params0, lr, ctx, obj_cfg, weights, mask): the loss is sum_o weights[o] *
+    objective_o (objectives a tuple of registered names); mask maps each leaf to 1.0 (train) or
+    0.0 (freeze). Gradients of frozen leaves are zeroed before the clip, so the global norm counts
+    trainable leaves only (as optax.partition in linattn.optim), and frozen leaves are kept bit
+    for bit. Vmapping over (weights, mask) with the key unbatched trains several methods on the
+    very same minibatches, which are then drawn once per step for all of them.
+    """
+    fns = [get_objective(o).fn for o in objectives]
+
+    def run(key, params0, lr, ctx, obj_cfg, weights, mask) -> TrainResult:
+        check_params(params0, cfg.d)
+        opt = make_optimizer(params0, lambda name: True, lr, cfg.optimizer)
+
+        def loss_fn(params, step):
+            progress = step / max(cfg.steps - 1, 1)
+            risk = mc_risk(jax.random.fold_in(key, step), cfg, ctx)
+            return sum(weights[i] * f(risk, params, progress, obj_cfg) for i, f in enumerate(fns))
+
+        def step_update(grads, opt_state, params):
+            grads = {k: g * mask[k].astype(g.dtype) for k, g in grads.items()}
+            updates, new_state = opt.update(grads, opt_state, params)
+            new = {k: jnp.where(mask[k] > 0, (params[k] + updates[k]).astype(params[k].dtype), params[k])
+                   for k in params}
+            return new, new_state
+
+        return _scan_train(cfg, key, params0, opt, loss_fn, step_update)
+
+    return run
+
+
+def method_arrays(params0, methods) -> tuple[tuple, jax.Array, dict]:
+    """(objective names, weights (M, O), masks {leaf: (M,)}) for methods [(objective, subset), ...]."""
+    if len(methods) == 0:
+        raise ValueError("need at least one (objective, subset) method")
+    names = tuple(dict.fromkeys(o for o, _ in methods))
+    for o in names:
+        get_objective(o)
+    weights = np.zeros((len(methods), len(names)), np.float32)
+    masks = {k: np.zeros(len(methods), np.float32) for k in params0}
+    for i, (o, subset) in enumerate(methods):
+        weights[i, names.index(o)] = 1.0
+        for k, lab in param_labels(params0, subset).items():
+            masks[k][i] = 1.0 if lab == "train" else 0.0
+    return names, jnp.asarray(weights), {k: jnp.asarray(v) for k, v in masks.items()}
+
+
+def train_methods(key, params0, lr, ctx: TaskContext, methods, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
+                  cfg: TrainConfig = TrainConfig(), check: bool = True) -> TrainResult:
+    """M methods [(objective, subset), ...] from the same start, in one compiled program.
+
+    Every method sees the same minibatches (the key is shared: common random numbers), so the
+    result equals [train(key, params0, lr, ctx, obj_cfg, cfg=replace(cfg, objective=o, subset=s))
+    for o, s in methods] up to float rounding, while each minibatch is drawn once for all M
+    methods. cfg.objective and cfg.subset are ignored. Fields of the result lead with axis M.
+    """
+    names, weights, masks = method_arrays(params0, methods)
+    dtype = params0["V"].dtype
+    fn = compiled_methods(cfg, names)
+    res = fn(key, params0, jnp.asarray(lr, dtype), ctx, obj_cfg, weights.astype(dtype),
+             {k: v.astype(dtype) for k, v in masks.items()})
+    if check:
+        raise_if_diverged(res, np.broadcast_to(np.asarray(lr, np.float64), (len(methods),)))
+    return res
+
+
+def compiled_methods(cfg: TrainConfig, objectives: tuple):
+    """jit(vmap over methods) of methods_fn(cfg, objectives), cached per static configuration."""
+    sig = ("methods", dataclasses.replace(cfg, objective="pretrain", subset="all"), tuple(objectives))
+    if sig not in _CACHE:
+        fn = jax.vmap(methods_fn(cfg, tuple(objectives)), in_axes=(None, None, None, None, None, 0, 0))
+        _CACHE[sig] = jax.jit(fn)
+    return _CACHE[sig]
 
 
 def train(key, params0, lr, ctx: TaskContext, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
