@@ -67,6 +67,7 @@ class StudyConfig:
     pretrain_ds: tuple = (2, 10)  # extra covariate dimensions for the pretraining figure
     d_steps: int = 5000  # pretraining steps at those dimensions
     d_seeds: int = 3  # seeds at those dimensions
+    methods: tuple = ()  # fine-tuning methods to run (names in METHODS); () for all
 
     def name(self) -> str:
         return (f"forgetting_{self.preset}_d{self.d}_steps{self.steps}_ft{self.ft_steps}_b{self.batch}"
@@ -315,6 +316,17 @@ def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0
 
 
 # ---------------------------------------------------------------- the sweep driver
+def selected_methods(cfg: StudyConfig) -> tuple[Method, ...]:
+    """The methods a config runs: cfg.methods (plus what the sweeps and theory families need), or all."""
+    if not cfg.methods:
+        return METHODS
+    unknown = [n for n in cfg.methods if n not in METHOD_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; allowed: {[m.name for m in METHODS]}")
+    wanted = set(cfg.methods) | set(cfg.sweep_methods) | {"zs_all", "zsfs_v"}
+    return tuple(m for m in METHODS if m.name in wanted)
+
+
 def versions() -> dict:
     import optax
 
@@ -331,7 +343,8 @@ def check_config(out: Path, cfg: StudyConfig) -> None:
     if path.exists():
         old = json.loads(path.read_text()).get("config", {})
         new = cfg.to_json()
-        diff = [k for k in new if old.get(k) != new[k]]
+        default = StudyConfig(preset=cfg.preset).to_json()
+        diff = [k for k in new if (old[k] if k in old else default[k]) != new[k]]
         if diff:
             raise ValueError(f"{out} holds a run with a different config ({', '.join(diff)} differ); "
                              "choose another --out or delete the folder")
@@ -345,7 +358,7 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     check_config(out, cfg)
     store = Store(out)
     theta0 = theta0_of(cfg)
-    todo = (["pretrain_merged", "pretrain_separate"] + [m.name for m in METHODS]
+    todo = (["pretrain_merged", "pretrain_separate"] + [m.name for m in selected_methods(cfg)]
             + [f"sweep_{n}" for n in cfg.sweep_methods] + [f"pretrain_d{d}" for d in cfg.pretrain_ds] + ["families"])
     done_now, t_start = 0, time.time()
     cache: dict = {}
@@ -431,7 +444,7 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
     """Write DIR/results.json and DIR/results.npz from the pieces."""
     methods, arrays, timing = {}, {"theta0": theta0, "shots": shots_of(cfg)}, {}
     entries = [(PRETRAINED["merged"], "pretrain_merged", None), (PRETRAINED["separate"], "pretrain_separate", None)]
-    entries += [(m.name, m.name, m) for m in METHODS]
+    entries += [(m.name, m.name, m) for m in selected_methods(cfg)]
     for name, piece_name, m in entries:
         piece = store.load(piece_name)
         params = unpack("p_", piece)

@@ -163,9 +163,9 @@ def fig_value_family(res, arr, out):
 
 
 def fig_theory_vs_sim(res, arr, out):
-    names = ["pretrained", "zs_all", "zs_v", "zsfs_v"]
+    names = [n for n in ("pretrained", "zs_all", "zs_v", "zsfs_v") if n in res["methods"]]
     shots = arr["shots"]
-    fig, axes = plt.subplots(3, 4, figsize=(13, 8.2), sharex=True)
+    fig, axes = plt.subplots(3, len(names), figsize=(3.25 * len(names), 8.2), sharex=True, squeeze=False)
     for j, name in enumerate(names):
         st = style(name)
         for i, task in enumerate(res["tasks"]):
