@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from linattn import data as D
-from linattn.model import predict, predict_from_stats
+from linattn.model import norm_factor, predict, predict_from_stats
 from linattn.objectives import TASK_SOURCES, ObjectiveConfig, get_objective
 from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels
-from linattn.params import check_params
+from linattn.params import check_params, effective_kq, value_row
 
 SAMPLERS = ("tokens", "stats")
 
@@ -98,6 +98,33 @@ def _outer_sum(Z: jax.Array) -> jax.Array:
     return jnp.sum(Z[..., :, :, None] * Z[..., :, None, :], axis=-3)
 
 
+def _features(zq: jax.Array, S: jax.Array) -> jax.Array:
+    """(B, D * D(D+1)/2) features zq_i S_jk (j <= k) of one-layer prompts; see _coefs."""
+    iu = np.triu_indices(S.shape[-1])
+    Su = S[:, iu[0], iu[1]]
+    return (zq[:, :, None] * Su[:, None, :]).reshape(zq.shape[0], -1)
+
+
+def _coefs(params) -> jax.Array:
+    """c with _features(zq, S) @ c = (1/H) sum_h zq^T KQ_h S v_h for symmetric S (one layer).
+
+    The prediction of linattn.model.predict_from_stats without its normalization, written as one
+    matrix product: the features do not depend on the parameters, so several methods trained on
+    the same minibatch (train_methods) share them and each costs one column of a matmul.
+    """
+    kq, v = effective_kq(params)[0], value_row(params)[0]
+    t3 = jnp.mean(kq[:, :, :, None] * v[:, None, None, :], axis=0)  # (D, D, D): i, j, k
+    t3 = t3 + jnp.swapaxes(t3, 1, 2)
+    iu = np.triu_indices(t3.shape[-1])
+    half = np.where(iu[0] == iu[1], 0.5, 1.0).astype(t3.dtype)
+    return (t3[:, iu[0], iu[1]] * half[None, :]).reshape(-1)
+
+
+def _predict_one_layer(params, zq, S, n, normalization: str):
+    """linattn.model.predict_from_stats for one layer, as features @ coefficients."""
+    return norm_factor(n, normalization).astype(zq.dtype) * (_features(zq, S) @ _coefs(params))
+
+
 def mc_risk(key, cfg: TrainConfig, ctx: TaskContext):
     """risk(params, shots, task): minibatch mean squared error of the query prediction.
 
@@ -121,20 +148,22 @@ def mc_risk(key, cfg: TrainConfig, ctx: TaskContext):
             Z, y = D.sample_from_dataset(k, ctx.dataset, shots, cfg.batch)
             Z = Z.astype(dtype)
             if one_layer:
-                pred = predict_from_stats(params, Z[:, -1], _outer_sum(Z), shots, normalization=cfg.normalization)
+                pred = _predict_one_layer(params, Z[:, -1], _outer_sum(Z), shots, cfg.normalization)
             else:
                 pred = predict(params, Z, normalization=cfg.normalization)
         else:
             dist = ctx.theta0 if task == "target" else cfg.tasks
             args = (k, shots, cfg.batch, cfg.d, dist, cfg.noise, ctx.cov_factor, dtype)
             if cfg.sampler == "stats":
+                if not one_layer:
+                    raise ValueError(f"sampler 'stats' is for one-layer models; these parameters have "
+                                     f"{params['V'].shape[0]} layers (use sampler='tokens')")
                 zq, S, y = D.sample_prompt_stats(*args)
-                pred = predict_from_stats(params, zq, S, shots, normalization=cfg.normalization)
+                pred = _predict_one_layer(params, zq, S, shots, cfg.normalization)
             else:
                 Z, y = D.sample_prompts(*args)
                 if one_layer:  # the query label is zero, so predict() reduces to this
-                    pred = predict_from_stats(params, Z[:, -1], _outer_sum(Z), shots,
-                                              normalization=cfg.normalization)
+                    pred = _predict_one_layer(params, Z[:, -1], _outer_sum(Z), shots, cfg.normalization)
                 else:
                     pred = predict(params, Z, normalization=cfg.normalization)
         value = jnp.mean((pred - y) ** 2)

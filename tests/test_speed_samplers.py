@@ -161,3 +161,13 @@ def test_second_calls_do_not_recompile():
     assert T.compiled(cfg, batched=True)._cache_size() == 1
     assert T.compiled_methods(cfg, ("zs", "zsfs"))._cache_size() == 1
     assert evaluate._curve_program(3, 32, 2, 7, 0.1, "tokens", "stats")._cache_size() == 1
+
+
+@pytest.mark.parametrize("merged,heads,normalization", [(False, 1, "tokens"), (True, 2, "shots"), (False, 3, "tokens")])
+def test_feature_form_of_the_one_layer_prediction_equals_the_model(merged, heads, normalization):
+    p = init_params(jax.random.PRNGKey(5), D_COV, merged=merged, heads=heads, std=0.4)
+    for n in (0, 1, 7):
+        st = D.sample_prompt_stats(jax.random.PRNGKey(n), n, 50, D_COV)
+        want = predict_from_stats(p, st.zq, st.S, n, normalization=normalization)
+        got = T._predict_one_layer(p, st.zq, st.S, n, normalization)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
