@@ -178,6 +178,52 @@ def _evaluate(models, shots, theta0, noise, key, samples):
     return curves, f"Monte Carlo ({samples} prompts per point)"
 
 
+def _best_ms(fn, *a, reps=20) -> float:
+    jax.block_until_ready(fn(*a))
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            r = fn(*a)
+        jax.block_until_ready(r)
+        best = min(best, (time.perf_counter() - t) / reps * 1e3)
+    return best
+
+
+def profile(args) -> dict:
+    """Milliseconds per call of one training step's pieces at the benchmark's batch size."""
+    import optax
+
+    from linattn import data as D
+    from linattn import train as T
+    from linattn.model import predict
+    from linattn.params import init_params
+
+    B, d = args.batch, 5
+    key = jax.random.PRNGKey(1)
+    p = init_params(key, d, merged=False)
+    theta0 = jnp.ones(d) / jnp.sqrt(d)
+    data = D.make_finetune_dataset(key, theta0, 100_000)
+    st = D.sample_prompt_stats(key, 20, B, d)
+    tk = D.sample_prompts(key, 20, B, d)
+    loss_tok = lambda p, tk: jnp.mean((predict(p, tk.Z) - tk.y) ** 2)
+    loss_st = lambda p, st: jnp.mean((T._predict_one_layer(p, st.zq, st.S, 20, "tokens") - st.y) ** 2)
+    pm = jax.tree.map(lambda a: jnp.broadcast_to(a, (8,) + a.shape), p)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.01, momentum=0.9))
+    state = opt.init(p)
+    return {
+        "sample tokens n=20": _best_ms(jax.jit(lambda k: D.sample_prompts(k, 20, B, d)), key),
+        "sample stats n=20": _best_ms(jax.jit(lambda k: D.sample_prompt_stats(k, 20, B, d)), key),
+        "sample dataset n=20 + statistics": _best_ms(jax.jit(
+            lambda k: T._outer_sum(D.sample_from_dataset(k, data, 20, B).Z)), key),
+        "fwd+bwd tokens (model.predict)": _best_ms(jax.jit(jax.value_and_grad(loss_tok)), p, tk),
+        "fwd+bwd stats (features)": _best_ms(jax.jit(jax.value_and_grad(loss_st)), p, st),
+        "fwd+bwd stats, 8 methods vmapped": _best_ms(
+            jax.jit(jax.vmap(jax.value_and_grad(loss_st), in_axes=(0, None))), pm, st),
+        "optimizer update (clip + SGD momentum)": _best_ms(jax.jit(lambda g, s: opt.update(g, s, p)), p, state),
+    }
+
+
 def device_record() -> dict:
     devs = jax.devices()
     rec = {"backend": jax.default_backend(), "devices": [str(d) for d in devs], "device_kind": devs[0].device_kind,
@@ -211,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--eval-samples", type=int, default=20_000)  # Monte Carlo fallback only
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="time one step's pieces (sampling, fwd/bwd, update)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
@@ -233,7 +280,15 @@ def main(argv=None) -> int:
     out["command"] = "python -m sims.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.workload == "reference":
         out["reference_s"] = REFERENCE_SECONDS
-        out["speedup_vs_reference"] = REFERENCE_SECONDS / out["wall_s"]
+        if out["steps"] == 5000 and out["batch"] == 5000:
+            out["speedup_vs_reference"] = REFERENCE_SECONDS / out["wall_s"]
+        else:  # a scaled run: extrapolate the run time linearly in steps x batch
+            scale = 5000 * 5000 / (out["steps"] * out["batch"])
+            est = out["wall_s"] + out["run_total_s"] * (scale - 1)
+            out["estimated_full_wall_s"] = est
+            out["estimated_speedup_vs_reference"] = REFERENCE_SECONDS / est
+    if args.profile:
+        out["profile_ms"] = profile(args)
     print(f"workload {out['workload']}: steps {out['steps']}, batch {out['batch']}, {out['dtype']}, "
           f"sampler {out['sampler']}, device {out['device']['devices'][0]} x{len(out['device']['devices'])}")
     print(f"  wall {out['wall_s']:.2f} s (cpu {out['cpu_s']:.2f} s; load avg {load0[0]:.1f})"
@@ -246,6 +301,11 @@ def main(argv=None) -> int:
     print(f"  peak memory {out['peak_memory']}")
     if "speedup_vs_reference" in out:
         print(f"  reference 590 s -> {out['speedup_vs_reference']:.1f}x")
+    if "estimated_full_wall_s" in out:
+        print(f"  scaled run; full workload estimated {out['estimated_full_wall_s']:.0f} s "
+              f"-> {out['estimated_speedup_vs_reference']:.1f}x the reference's 590 s")
+    for name, ms in out.get("profile_ms", {}).items():
+        print(f"  profile {name}: {ms:.2f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
