@@ -10,7 +10,11 @@ Workloads (SPEC section 3 settings: d = 5, sigma^2 = 0.1, SGD momentum 0.9, lr 0
   else Monte Carlo);
 - pretrain: the pretraining run alone;  finetune: the 8 fine-tuning runs alone;
 - tiny: the reference workload at 50 steps, batch 256 (a smoke test).
---steps and --batch scale any of them. Times: compile (ahead-of-time lower + compile) and run are
+--steps and --batch scale any of them. --devices P (P > 1) splits every step's minibatch over P
+host CPU devices (linattn.sharding.train_data_parallel / train_methods_data_parallel: B / P
+prompts per device, losses and gradients averaged with pmean; the same distribution as one
+device, a different random stream); on a CPU each forced host device runs on its own thread, so
+P = 2 uses both cores of a 2-core machine. Times: compile (ahead-of-time lower + compile) and run are
 measured separately; wall is their sum plus data and evaluation; CPU time (user + sys of this
 process) is reported too, because on a shared machine wall time also counts other people's work.
 """
@@ -68,10 +72,12 @@ def _aot(jitted, *args):
 
 def run(args) -> dict:
     from linattn import data as D
+    from linattn import sharding as S
     from linattn import train as T
     from linattn.objectives import ObjectiveConfig
     from linattn.params import init_params
 
+    mesh = S.data_mesh() if args.devices > 1 else None
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
     steps, batch = args.steps, args.batch
     if args.workload == "tiny":
@@ -79,7 +85,8 @@ def run(args) -> dict:
     d, noise = 5, 0.1
     clock = Clock()
     out: dict = {"workload": args.workload, "steps": steps, "batch": batch, "d": d, "dtype": args.dtype,
-                 "sampler": args.sampler, "fused_methods": not args.separate, "compile_s": {}, "run_s": {}}
+                 "sampler": args.sampler, "fused_methods": not args.separate, "data_parallel_devices": args.devices,
+                 "compile_s": {}, "run_s": {}}
     prompts = 0
 
     root = jax.random.PRNGKey(args.seed)
@@ -95,12 +102,16 @@ def run(args) -> dict:
     params_pre = p0
     if args.workload in ("reference", "pretrain", "tiny"):
         cfg = T.TrainConfig(**{**base.__dict__, "objective": "pretrain", "subset": "all"})
+        pargs = (k_pre, p0, lr, ctx, obj)
+        fn = T.compiled(cfg)
+        if mesh is not None:
+            pargs, fn = S.replicate(pargs, mesh), S.compiled_data_parallel(cfg, mesh)
         with clock("compile"):
-            exe, c = _aot(T.compiled(cfg), k_pre, p0, lr, ctx, obj)
+            exe, c = _aot(fn, *pargs)
         out["compile_s"]["pretrain"] = c
         with clock("train"):
             t = time.perf_counter()
-            res = jax.block_until_ready(exe(k_pre, p0, lr, ctx, obj))
+            res = jax.block_until_ready(exe(*pargs))
             out["run_s"]["pretrain"] = time.perf_counter() - t
         T.raise_if_diverged(res, args.lr)
         params_pre = res.params
@@ -110,6 +121,8 @@ def run(args) -> dict:
     finetuned = {}
     if args.workload in ("reference", "finetune", "tiny"):
         per_method = {"zs": 1, "zsfs": 2}  # prompts a step's loss reads
+        if args.separate and mesh is not None:
+            raise SystemExit("--separate runs on one device only (drop --devices)")
         if args.separate:
             for o, s in METHODS:
                 cfg = T.TrainConfig(**{**base.__dict__, "objective": o, "subset": s})
@@ -127,6 +140,8 @@ def run(args) -> dict:
             masks = {k: v.astype(dtype) for k, v in masks.items()}
             fn = T.compiled_methods(base, names)
             fargs = (k_ft, params_pre, lr, ctx, obj, weights.astype(dtype), masks)
+            if mesh is not None:
+                fargs, fn = S.replicate(fargs, mesh), S.compiled_methods_data_parallel(base, names, mesh)
             with clock("compile"):
                 exe, c = _aot(fn, *fargs)
             out["compile_s"]["finetune_8_methods"] = c
@@ -244,6 +259,18 @@ def peak_memory() -> dict:
     return rec
 
 
+def _set_host_devices(n: int) -> None:
+    """Ask for n host CPU devices (jax_num_cpu_devices); must run before JAX starts its backend."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:  # the backend already started (e.g. called from a test process)
+        if jax.device_count() != n:
+            raise SystemExit(f"--devices {n}: JAX already started with {jax.device_count()} devices; "
+                             f"run in a fresh process") from e
+    if jax.device_count() != n:
+        raise SystemExit(f"--devices {n}: got {jax.device_count()} devices ({jax.default_backend()})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=WORKLOADS, default="tiny")
@@ -253,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", choices=("stats", "tokens"), default="stats")  # random-task prompts
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--precision", choices=("highest", "high", "default"), default="highest")  # f32 matmuls
+    ap.add_argument("--devices", type=int, default=1, help="data parallelism over this many host CPU devices")
     ap.add_argument("--separate", action="store_true", help="8 fine-tuning programs instead of one fused")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--eval-samples", type=int, default=20_000)  # Monte Carlo fallback only
@@ -262,6 +290,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         ap.error("--steps and --batch must be >= 1")
+    if args.devices < 1:
+        ap.error("--devices must be >= 1")
+    if args.devices > 1:
+        batch = min(args.batch, 256) if args.workload == "tiny" else args.batch
+        if batch % args.devices:
+            ap.error(f"--batch {batch} must be a multiple of --devices {args.devices}")
+        _set_host_devices(args.devices)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", args.precision)

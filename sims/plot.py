@@ -44,14 +44,15 @@ def label(name: str, res: dict) -> str:
 
 
 def _tidy_log_axes(fig) -> None:
-    """Plain tick labels on log axes (no crowded minor labels)."""
-    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+    """Log axes labelled 0.1, 0.2, 0.5, 1, 2, 5, ... in plain numbers, no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
         for axis, scale in ((ax.yaxis, ax.get_yscale()), (ax.xaxis, ax.get_xscale())):
             if scale == "log":
+                axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 axis.set_minor_formatter(NullFormatter())
-                axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(0, 0)))
 
 
 def save(fig, out: Path, name: str) -> None:
