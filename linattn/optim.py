@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Union
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from linattn.params import is_merged
 
@@ -97,3 +98,10 @@ def apply_updates(params: Mapping, updates: Mapping, labels: Mapping) -> dict:
 def trainable_norm(grads: Mapping, labels: Mapping) -> jax.Array:
     """Global norm over trainable leaves only (what the clip sees)."""
     return optax.tree.norm({k: g for k, g in grads.items() if labels[k] == "train"})
+
+
+def trainable_vector(params: Mapping, labels: Mapping):
+    """(vec, unflatten): the trainable leaves as one flat vector, and the map from such a vector
+    back to a full tree whose frozen leaves are those of `params` (for Newton and L-BFGS solvers)."""
+    vec, unravel = ravel_pytree({k: v for k, v in params.items() if labels[k] == "train"})
+    return vec, lambda x: {**params, **unravel(x)}

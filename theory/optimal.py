@@ -33,7 +33,7 @@ import numpy as np
 
 from linattn.model import check_normalization
 from linattn.objectives import ObjectiveConfig
-from linattn.optim import param_labels
+from linattn.optim import param_labels, trainable_vector
 from linattn.params import check_params, icl_params, is_merged, to_merged
 from theory.risk import population_objective
 
@@ -162,20 +162,6 @@ def zsfs_v_limit(d: int, g: float, theta0, n_ft: int = 20, noise: float = 0.1, n
 
 
 # ---------------------------------------------------------------- exact solve of quadratic subproblems
-def _flat(params, labels):
-    names = [k for k in sorted(params) if labels[k] == "train"]
-    return names, jnp.concatenate([params[k].reshape(-1) for k in names])
-
-
-def _unflat(params, names, vec):
-    out, i = dict(params), 0
-    for k in names:
-        size = params[k].size
-        out[k] = vec[i : i + size].reshape(params[k].shape)
-        i += size
-    return out
-
-
 def newton_subset(objective: Callable[[Mapping], jax.Array], params: Mapping, subset, rcond: float = 1e-10,
                   steps: int = 1):
     """Minimizer of `objective` over the trainable leaves nearest to `params` (pseudo-inverse Newton).
@@ -186,13 +172,13 @@ def newton_subset(objective: Callable[[Mapping], jax.Array], params: Mapping, su
     labels = param_labels(params, subset)
     with jax.enable_x64(True):
         params = {k: jnp.asarray(v, jnp.float64) for k, v in params.items()}
-        names, x = _flat(params, labels)
-        f = lambda vec: objective(_unflat(params, names, vec))
+        x, unflat = trainable_vector(params, labels)
+        f = lambda vec: objective(unflat(vec))
         for _ in range(steps):
             g = jax.grad(f)(x)
             Hm = jax.hessian(f)(x)
             x = x - jnp.linalg.pinv(Hm, rtol=rcond) @ g
-        out = _unflat(params, names, x)
+        out = unflat(x)
         return out, float(jnp.linalg.norm(jax.grad(f)(x)))
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from linattn.objectives import ObjectiveConfig, get_objective
-from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels, trainable_norm
+from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels, trainable_norm, trainable_vector
 from theory.risk import population_objective
 
 
@@ -73,21 +73,6 @@ def gradient_flow(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfi
         return SolveResult(p, float(gn), float(value), hist)
 
 
-def _flatten(params, labels):
-    names = [k for k in sorted(params) if labels[k] == "train"]
-    vec = jnp.concatenate([params[k].reshape(-1) for k in names])
-
-    def unflat(x):
-        out, i = dict(params), 0
-        for k in names:
-            n = params[k].size
-            out[k] = x[i : i + n].reshape(params[k].shape)
-            i += n
-        return out
-
-    return vec, unflat
-
-
 def minimize(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(), theta0=None,
              noise: float = 0.1, *, progress: float = 1.0, iters: int = 500, newton_steps: int = 3,
              sigma=None, normalization: str = "tokens") -> SolveResult:
@@ -100,7 +85,7 @@ def minimize(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = O
     with jax.enable_x64(True):
         params0 = {k: jnp.asarray(v, jnp.float64) for k, v in params0.items()}
         labels = param_labels(params0, subset)
-        x0, unflat = _flatten(params0, labels)
+        x0, unflat = trainable_vector(params0, labels)
         fx = lambda x: f(unflat(x), jnp.asarray(progress, jnp.float64))
         opt = optax.lbfgs()
         vg = optax.value_and_grad_from_state(fx)
