@@ -1,4 +1,7 @@
-"""Sweeps with the run axis sharded over every device (one host or many).
+"""Sweeps with the run axis sharded over every device (one host or many), and data parallelism.
+
+Two layouts: `train_sharded` splits a sweep's runs over the devices; `train_data_parallel` and
+`train_methods_data_parallel` split one run's per-step minibatch over them (section at the end).
 
 Shape notation: R runs, P devices, R_pad = R rounded up to a multiple of P.
 
@@ -23,6 +26,7 @@ own shards from them, and the result is gathered to every process (process 0 wri
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -145,3 +149,117 @@ def device_summary() -> dict:
         "device_kind": devs[0].device_kind if devs else None,
         "devices": [str(d) for d in devs[: min(8, len(devs))]] + ([f"... {len(devs) - 8} more"] if len(devs) > 8 else []),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism: one run, each step's minibatch split over the devices.
+#
+# Shape notation: B prompts per step, P devices, B / P prompts per device.
+#
+# Every argument is replicated. Inside shard_map, device i draws its B / P prompts with the key
+# fold_in(fold_in(key, step), i) (linattn.train.step_risk), computes its loss and gradients, and
+# the losses and gradients are averaged with lax.pmean; every device then applies the identical
+# optimizer update, so the parameters stay replicated. The minibatch has the same distribution
+# as the single-device one (B i.i.d. prompts), but the random stream differs: a data-parallel
+# run does not reproduce the single-device run's numbers, only its distribution, and its numbers
+# depend on P.
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named "data" over `devices` (default: every device)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def _replicated(mesh: Mesh, n_args: int, fn):
+    """jit(shard_map(fn)) with every input and output replicated over the mesh's data axis."""
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(),) * n_args, out_specs=P()))
+
+
+def compiled_data_parallel(cfg: T.TrainConfig, mesh: Optional[Mesh] = None):
+    """jit(shard_map(data_parallel_train_fn(cfg))) over `mesh`, cached per (cfg, mesh).
+
+    Called as fn(key, params0, lr, ctx, obj_cfg) -> TrainResult (replicated), like
+    linattn.train.compiled(cfg).
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    sig = ("data", cfg, mesh)
+    if sig not in _PROGRAMS:
+        _PROGRAMS[sig] = _replicated(mesh, 5, T.data_parallel_train_fn(cfg, DATA_AXIS, mesh.devices.size))
+    return _PROGRAMS[sig]
+
+
+def compiled_methods_data_parallel(cfg: T.TrainConfig, objectives: tuple, mesh: Optional[Mesh] = None):
+    """Data-parallel linattn.train.compiled_methods: fn(key, params0, lr, ctx, obj_cfg, weights, masks)."""
+    mesh = data_mesh() if mesh is None else mesh
+    sig = ("data-methods", dataclasses.replace(cfg, objective="pretrain", subset="all"), tuple(objectives), mesh)
+    if sig not in _PROGRAMS:
+        run = T.data_parallel_methods_fn(cfg, tuple(objectives), DATA_AXIS, mesh.devices.size)
+        fn = jax.vmap(run, in_axes=(None, None, None, None, None, 0, 0))
+        _PROGRAMS[sig] = _replicated(mesh, 7, fn)
+    return _PROGRAMS[sig]
+
+
+def replicate(tree, mesh: Optional[Mesh] = None):
+    """Every leaf copied to every device of `mesh` (the layout the data-parallel programs take)."""
+    mesh = data_mesh() if mesh is None else mesh
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def train_data_parallel(key, params0, lr, ctx: T.TaskContext, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
+                        cfg: T.TrainConfig = T.TrainConfig(), mesh: Optional[Mesh] = None,
+                        check: bool = True) -> T.TrainResult:
+    """linattn.train.train with each step's cfg.batch prompts split over the devices of `mesh`.
+
+    cfg.batch must be a multiple of the device count. Same distribution of minibatches as
+    train(), different random numbers (see the comment above DATA_AXIS).
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    dtype = params0["V"].dtype
+    args = replicate((key, params0, jnp.asarray(lr, dtype), ctx, obj_cfg), mesh)
+    res = compiled_data_parallel(cfg, mesh)(*args)
+    if check:
+        T.raise_if_diverged(res, lr)
+    return res
+
+
+def train_methods_data_parallel(key, params0, lr, ctx: T.TaskContext, methods,
+                                obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
+                                cfg: T.TrainConfig = T.TrainConfig(), mesh: Optional[Mesh] = None,
+                                check: bool = True) -> T.TrainResult:
+    """linattn.train.train_methods (M methods in one program) with the minibatch split over `mesh`."""
+    mesh = data_mesh() if mesh is None else mesh
+    names, weights, masks = T.method_arrays(params0, methods)
+    dtype = params0["V"].dtype
+    args = (key, params0, jnp.asarray(lr, dtype), ctx, obj_cfg, weights.astype(dtype),
+            {k: v.astype(dtype) for k, v in masks.items()})
+    res = compiled_methods_data_parallel(cfg, names, mesh)(*replicate(args, mesh))
+    if check:
+        T.raise_if_diverged(res, np.broadcast_to(np.asarray(lr, np.float64), (len(methods),)))
+    return res
+
+
+def data_parallel_value_and_grad(cfg: T.TrainConfig, mesh: Optional[Mesh] = None):
+    """jitted fn(key, params, step, ctx, obj_cfg) -> (loss, grads) of one data-parallel step.
+
+    The same step_risk / data_parallel_value_and_grad pieces the data-parallel trainer runs
+    (cfg.objective on all leaves), exposed so tests can compare one step against the mean of
+    single-device losses and gradients drawn with the per-device keys.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    sig = ("data-vg", cfg, mesh)
+    if sig not in _PROGRAMS:
+        objective = T.get_objective(cfg.objective).fn
+        n_dev = mesh.devices.size
+
+        def fn(key, params, step, ctx, obj_cfg):
+            def loss_fn(p, step):
+                risk = T.step_risk(key, step, cfg, ctx, DATA_AXIS, n_dev)
+                return objective(risk, p, step / max(cfg.steps - 1, 1), obj_cfg)
+
+            return T.data_parallel_value_and_grad(DATA_AXIS)(loss_fn)(params, step)
+
+        _PROGRAMS[sig] = _replicated(mesh, 5, fn)
+    return _PROGRAMS[sig]

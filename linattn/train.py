@@ -178,17 +178,20 @@ def _bucket_sizes(steps: int, k: int) -> np.ndarray:
     return np.bincount(idx, minlength=k)
 
 
-def _scan_train(cfg: TrainConfig, key, params0, opt, loss_fn, step_update) -> TrainResult:
+def _scan_train(cfg: TrainConfig, key, params0, opt, loss_fn, step_update, value_and_grad=None) -> TrainResult:
     """lax.scan over cfg.steps optimizer steps with divergence guard and bucketed history.
 
     loss_fn(params, step) -> scalar; step_update(grads, opt_state, params) -> (new_params, new_state).
+    value_and_grad(loss_fn) -> (params, step) -> (loss, grads); default jax.value_and_grad (the
+    data-parallel path passes one that averages over devices, see data_parallel_value_and_grad).
     """
+    vg = (value_and_grad or jax.value_and_grad)(loss_fn)
     k_hist = min(cfg.history, cfg.steps)
     counts = jnp.asarray(_bucket_sizes(cfg.steps, k_hist))
 
     def body(carry, step):
         params, opt_state, hist, bad = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params, step)
+        loss, grads = vg(params, step)
         new_params, new_state = step_update(grads, opt_state, params)
         finite = jnp.isfinite(loss) & jnp.all(
             jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
@@ -203,9 +206,65 @@ def _scan_train(cfg: TrainConfig, key, params0, opt, loss_fn, step_update) -> Tr
     return TrainResult(params, hist / counts, losses[-1], bad)
 
 
+def step_risk(key, step, cfg: TrainConfig, ctx: TaskContext, data_axis: Optional[str] = None, n_dev: int = 1):
+    """The Monte Carlo risk of one step: mc_risk(fold_in(key, step), cfg, ctx) on one device.
+
+    With data_axis (inside shard_map or a named vmap over n_dev devices), device i draws
+    cfg.batch / n_dev prompts with the key fold_in(fold_in(key, step), i): the same distribution
+    as the single-device minibatch, but a different random stream.
+    """
+    step_key = jax.random.fold_in(key, step)
+    if data_axis is None:
+        return mc_risk(step_key, cfg, ctx)
+    return mc_risk(jax.random.fold_in(step_key, jax.lax.axis_index(data_axis)), local_config(cfg, n_dev), ctx)
+
+
+def local_config(cfg: TrainConfig, n_dev: int) -> TrainConfig:
+    """cfg with the per-device batch cfg.batch / n_dev (which must divide evenly)."""
+    if n_dev < 1 or cfg.batch % n_dev:
+        raise ValueError(f"batch {cfg.batch} does not split evenly over {n_dev} devices")
+    return cfg if n_dev == 1 else dataclasses.replace(cfg, batch=cfg.batch // n_dev)
+
+
+def data_parallel_value_and_grad(data_axis: Optional[str]):
+    """value_and_grad for a loss whose minibatch is split over the named axis `data_axis`.
+
+    Returns vg with vg(loss_fn)(params, step) = (pmean of the per-device losses, pmean of the
+    per-device gradients). The parameters are replicated (invariant over the axis); they are
+    cast to device-varying before differentiating, so each device's gradient is its own and the
+    mean is taken once, explicitly (without the cast, shard_map would psum the gradient of an
+    invariant input itself). None: plain jax.value_and_grad.
+    """
+    if data_axis is None:
+        return jax.value_and_grad
+
+    def vg(loss_fn):
+        def f(params, step):
+            local = jax.tree.map(lambda a: jax.lax.pcast(a, data_axis, to="varying"), params)
+            loss, grads = jax.value_and_grad(loss_fn)(local, step)
+            return jax.lax.pmean(loss, data_axis), jax.lax.pmean(grads, data_axis)
+
+        return f
+
+    return vg
+
+
 def train_fn(cfg: TrainConfig):
     """The pure training function for a static config (see module docstring)."""
+    return data_parallel_train_fn(cfg, None, 1)
+
+
+def data_parallel_train_fn(cfg: TrainConfig, data_axis: Optional[str], n_dev: int):
+    """train_fn(cfg) with each step's minibatch split over the named axis `data_axis` of n_dev devices.
+
+    Meant to run inside shard_map (linattn.sharding.train_data_parallel) with every argument
+    replicated: device i draws cfg.batch / n_dev prompts (step_risk), the losses and gradients
+    are averaged over devices (data_parallel_value_and_grad), and every device applies the same
+    update, so the parameters stay replicated. data_axis None (n_dev 1) is train_fn(cfg).
+    """
     objective = get_objective(cfg.objective).fn
+    vg = data_parallel_value_and_grad(data_axis)
+    local_config(cfg, n_dev)
 
     def run(key, params0, lr, ctx: TaskContext, obj_cfg: ObjectiveConfig) -> TrainResult:
         check_params(params0, cfg.d)
@@ -214,14 +273,14 @@ def train_fn(cfg: TrainConfig):
 
         def loss_fn(params, step):
             progress = step / max(cfg.steps - 1, 1)
-            risk = mc_risk(jax.random.fold_in(key, step), cfg, ctx)
+            risk = step_risk(key, step, cfg, ctx, data_axis, n_dev)
             return objective(risk, params, progress, obj_cfg)
 
         def step_update(grads, opt_state, params):
             updates, new_state = opt.update(grads, opt_state, params)
             return apply_updates(params, updates, labels), new_state
 
-        return _scan_train(cfg, key, params0, opt, loss_fn, step_update)
+        return _scan_train(cfg, key, params0, opt, loss_fn, step_update, vg)
 
     return run
 
@@ -236,7 +295,14 @@ def methods_fn(cfg: TrainConfig, objectives: tuple):
     for bit. Vmapping over (weights, mask) with the key unbatched trains several methods on the
     very same minibatches, which are then drawn once per step for all of them.
     """
+    return data_parallel_methods_fn(cfg, objectives, None, 1)
+
+
+def data_parallel_methods_fn(cfg: TrainConfig, objectives: tuple, data_axis: Optional[str], n_dev: int):
+    """methods_fn(cfg, objectives) with the minibatch split over `data_axis` (see data_parallel_train_fn)."""
     fns = [get_objective(o).fn for o in objectives]
+    vg = data_parallel_value_and_grad(data_axis)
+    local_config(cfg, n_dev)
 
     def run(key, params0, lr, ctx, obj_cfg, weights, mask) -> TrainResult:
         check_params(params0, cfg.d)
@@ -244,7 +310,7 @@ def methods_fn(cfg: TrainConfig, objectives: tuple):
 
         def loss_fn(params, step):
             progress = step / max(cfg.steps - 1, 1)
-            risk = mc_risk(jax.random.fold_in(key, step), cfg, ctx)
+            risk = step_risk(key, step, cfg, ctx, data_axis, n_dev)
             return sum(weights[i] * f(risk, params, progress, obj_cfg) for i, f in enumerate(fns))
 
         def step_update(grads, opt_state, params):
@@ -254,7 +320,7 @@ def methods_fn(cfg: TrainConfig, objectives: tuple):
                    for k in params}
             return new, new_state
 
-        return _scan_train(cfg, key, params0, opt, loss_fn, step_update)
+        return _scan_train(cfg, key, params0, opt, loss_fn, step_update, vg)
 
     return run
 
