@@ -39,7 +39,7 @@ def test_pretraining_reaches_the_exact_optimum_risk(pretrained):
     four seeds: 20 means of 150 minibatch losses; standard error from their spread) must equal the
     exact risk of the final iterates within 4 combined standard errors. Constant-rate SGD keeps the
     iterates jittering around the optimum, so that risk exceeds R* by the stationary excess, which
-    is positive and measured here (about 2e-3 of R* in this run).
+    is positive and measured here (2.9e-4 to 5.7e-4, about 1e-3 of R*, in this run).
     """
     with jax.enable_x64(True):
         r_star = float(exact_risk(P.icl_params(D_, C_STAR, 1.0, dtype=jnp.float64), [M_], "sphere", NOISE)[0])
@@ -55,17 +55,17 @@ def test_pretraining_reaches_the_exact_optimum_risk(pretrained):
 
 
 def test_pretraining_learns_c(pretrained):
-    """g * w matches c = (m+1)/(m+1+d+d sigma^2) within 4 standard errors over seeds plus the
-    stationary SGD jitter: each seed's c is an independent draw around c*, so their spread is the
-    noise of the run."""
+    """g * w matches c = (m+1)/(m+1+d+d sigma^2) within 4 standard errors over seeds (plus float32
+    rounding): each seed's c is an independent draw around c* (SGD keeps jittering at a constant
+    rate), so their spread is the noise of the run. Measured: 0.79152 +- 0.00061 vs 0.79245."""
     c = np.asarray(_c(pretrained.params), np.float64)
     se = c.std(ddof=1) / np.sqrt(c.size)
-    assert abs(c.mean() - C_STAR) <= 4 * se + 1e-4, (c, C_STAR, se)
-    # Gamma is isotropic and the other blocks vanish (up to the same jitter scale)
-    kq = np.asarray(pretrained.params["KQ"][:, 0, 0])
-    gamma = kq[:, 1:-1, 1:-1]
-    off = gamma - np.eye(D_) * np.trace(gamma, axis1=1, axis2=2)[:, None, None] / D_
-    assert np.abs(off).max() < 0.05 * np.abs(gamma).max()
+    assert abs(c.mean() - C_STAR) <= 4 * se + 1e-6, (c, C_STAR, se)
+    # Gamma is isotropic: its off-diagonal entries (4 seeds x 20, zero-mean by the problem's
+    # rotation symmetry) average to zero within 4 standard errors.
+    gamma = np.asarray(pretrained.params["KQ"][:, 0, 0, 1:-1, 1:-1], np.float64)
+    off = gamma[:, ~np.eye(D_, dtype=bool)].ravel()
+    assert abs(off.mean()) <= 4 * off.std(ddof=1) / np.sqrt(off.size), off
 
 
 def test_second_call_does_not_recompile():
