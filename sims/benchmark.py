@@ -70,6 +70,17 @@ def _aot(jitted, *args):
     return exe, time.perf_counter() - t
 
 
+def _compile_and_run(clock, out: dict, name: str, jitted, *args):
+    """Compile ahead of time, then run once; records compile_s[name] and run_s[name]."""
+    with clock("compile"):
+        exe, out["compile_s"][name] = _aot(jitted, *args)
+    with clock("train"):
+        t = time.perf_counter()
+        res = jax.block_until_ready(exe(*args))
+        out["run_s"][name] = time.perf_counter() - t
+    return res
+
+
 def run(args) -> dict:
     from linattn import data as D
     from linattn import sharding as S
@@ -106,13 +117,7 @@ def run(args) -> dict:
         fn = T.compiled(cfg)
         if mesh is not None:
             pargs, fn = S.replicate(pargs, mesh), S.compiled_data_parallel(cfg, mesh)
-        with clock("compile"):
-            exe, c = _aot(fn, *pargs)
-        out["compile_s"]["pretrain"] = c
-        with clock("train"):
-            t = time.perf_counter()
-            res = jax.block_until_ready(exe(*pargs))
-            out["run_s"]["pretrain"] = time.perf_counter() - t
+        res = _compile_and_run(clock, out, "pretrain", fn, *pargs)
         T.raise_if_diverged(res, args.lr)
         params_pre = res.params
         out["pretrain_final_loss"] = float(res.final_loss)
@@ -126,13 +131,7 @@ def run(args) -> dict:
         if args.separate:
             for o, s in METHODS:
                 cfg = T.TrainConfig(**{**base.__dict__, "objective": o, "subset": s})
-                with clock("compile"):
-                    exe, c = _aot(T.compiled(cfg), k_ft, params_pre, lr, ctx, obj)
-                out["compile_s"][f"{o}-{s}"] = c
-                with clock("train"):
-                    t = time.perf_counter()
-                    res = jax.block_until_ready(exe(k_ft, params_pre, lr, ctx, obj))
-                    out["run_s"][f"{o}-{s}"] = time.perf_counter() - t
+                res = _compile_and_run(clock, out, f"{o}-{s}", T.compiled(cfg), k_ft, params_pre, lr, ctx, obj)
                 T.raise_if_diverged(res, args.lr)
                 finetuned[f"{o}-{s}"] = res.params
         else:
@@ -142,13 +141,7 @@ def run(args) -> dict:
             fargs = (k_ft, params_pre, lr, ctx, obj, weights.astype(dtype), masks)
             if mesh is not None:
                 fargs, fn = S.replicate(fargs, mesh), S.compiled_methods_data_parallel(base, names, mesh)
-            with clock("compile"):
-                exe, c = _aot(fn, *fargs)
-            out["compile_s"]["finetune_8_methods"] = c
-            with clock("train"):
-                t = time.perf_counter()
-                res = jax.block_until_ready(exe(*fargs))
-                out["run_s"]["finetune_8_methods"] = time.perf_counter() - t
+            res = _compile_and_run(clock, out, "finetune_8_methods", fn, *fargs)
             T.raise_if_diverged(res, np.full(len(METHODS), args.lr))
             for i, (o, s) in enumerate(METHODS):
                 finetuned[f"{o}-{s}"] = jax.tree.map(lambda a: a[i], res.params)

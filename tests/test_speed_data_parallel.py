@@ -10,13 +10,10 @@ starts its backend, and this pytest process has already started it):
 (c) second calls with a new key and learning rate do not recompile; results live on both devices.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from subprocess_jax import run_ok, run_python
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -101,13 +98,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_data_parallel_on_2_host_devices():
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "OK" in proc.stdout
+    run_ok(SCRIPT)
 
 
 def test_batch_must_split_evenly():
@@ -122,14 +113,9 @@ def test_batch_must_split_evenly():
 def test_benchmark_devices_2_smoke(tmp_path):
     import json
 
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "sims.benchmark", "--workload", "tiny", "--steps", "5",
-                           "--batch", "64", "--devices", "2", "--no-eval", "--json", str(out)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_python(["-m", "sims.benchmark", "--workload", "tiny", "--steps", "5", "--batch", "64", "--devices", "2",
+                "--no-eval", "--json", str(out)])
     rec = json.loads(out.read_text())
     assert rec["data_parallel_devices"] == 2 and len(rec["device"]["devices"]) == 2
     assert set(rec["run_s"]) == {"pretrain", "finetune_8_methods"}

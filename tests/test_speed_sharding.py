@@ -4,13 +4,10 @@ XLA_FLAGS must be set before JAX starts, and this pytest process has already sta
 check runs in a subprocess.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from subprocess_jax import run_ok
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -57,11 +54,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_sweep_on_8_host_devices_matches_unsharded():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "OK" in proc.stdout
+    run_ok(SCRIPT, xla_flags="--xla_force_host_platform_device_count=8")
