@@ -11,7 +11,6 @@ import dataclasses
 from typing import Callable, Mapping, Union
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 

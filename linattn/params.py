@@ -12,7 +12,6 @@ V holds the value matrices Wv_h; in one layer only its last row (the label row) 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Mapping
 
@@ -199,7 +198,3 @@ def load_params(path: str | Path, *, dtype=jnp.float32) -> tuple[dict, str]:
 def tree_sq_dist(a: Mapping, b: Mapping) -> jax.Array:
     """Sum of squared differences over all leaves (for L2 pulls toward reference weights)."""
     return sum(jnp.sum((a[k] - b[k]) ** 2) for k in a)
-
-
-def n_parameters(params: Mapping) -> int:
-    return int(sum(math.prod(np.shape(v)) for v in params.values()))

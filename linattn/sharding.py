@@ -27,7 +27,6 @@ own shards from them, and the result is gathered to every process (process 0 wri
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import jax

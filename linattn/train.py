@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linattn import data as D
-from linattn.model import norm_factor, predict, predict_from_stats
+from linattn.model import norm_factor, predict
 from linattn.objectives import TASK_SOURCES, ObjectiveConfig, get_objective
 from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels
 from linattn.params import check_params, effective_kq, value_row

@@ -7,7 +7,6 @@ import optax
 import pytest
 
 from linattn import optim, params as P, train as T
-from linattn.objectives import OBJECTIVES, ObjectiveConfig
 
 
 def test_labels_for_named_and_custom_subsets():

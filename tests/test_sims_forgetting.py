@@ -8,7 +8,6 @@ when figures/full_results.json exists, on the committed full run.
 """
 
 import json
-import os
 from pathlib import Path
 
 import jax

@@ -1,7 +1,6 @@
 """Closed-form ICL-degradation condition (theory/conditions.py) against the exact risk."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,7 +1,6 @@
 """Closed-form optima (theory/optimal.py): zero gradient of the exact objective on the trainable
 subset, and the numbers of SPEC section 4."""
 
-import json
 import subprocess
 import sys
 

@@ -5,7 +5,6 @@ momentum 0.9, lr 0.01, clip 1.0, from the pretraining optimum (g = 1)."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

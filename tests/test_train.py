@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linattn import data, evaluate, params as P, train as T
+from linattn import data, params as P, train as T
 from linattn.objectives import ObjectiveConfig
 from theory.risk import risk as exact_risk
 

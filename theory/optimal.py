@@ -77,24 +77,6 @@ def pretrain_optimum(d: int, m: int = 20, noise: float = 0.1, normalization: str
         return icl_params(d, g, c / g, dtype=jnp.float64)
 
 
-def _icl_form(params: Mapping):
-    """(g, w) when params are merged, one layer, one head, Gamma = g I, v = w e_y, rest zero."""
-    with jax.enable_x64(True):
-        p = to_merged(params)
-        if p["V"].shape[:2] != (1, 1):
-            return None
-        kq, v = np.asarray(p["KQ"][0, 0], np.float64), np.asarray(p["V"][0, 0, -1], np.float64)
-        D = kq.shape[0]
-        d = D - 2
-        g = kq[1, 1]
-        ref_kq = np.zeros((D, D))
-        ref_kq[1 : d + 1, 1 : d + 1] = g * np.eye(d)
-        # only the rows of KQ that meet the query (0 and x) matter; the y row is ignored
-        if not np.allclose(kq[: d + 1], ref_kq[: d + 1], atol=1e-12) or not np.allclose(v[:-1], 0, atol=1e-12):
-            return None
-        return float(g), float(v[-1])
-
-
 # ---------------------------------------------------------------- zero-shot, all parameters
 def zs_all_member(pretrained: Mapping, theta0, k00: float) -> dict:
     """The member KQ[0,0] = k00, v_x = theta0/k00 of the ZS-minimizer branch reached from `pretrained`.

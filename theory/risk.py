@@ -271,8 +271,6 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     """python -m theory.risk --params P.json --shots 0,1,5 [--task sphere|gaussian|fixed --theta=..]"""
-    from linattn.params import load_params
-
     p = _Parser(prog="python -m theory.risk", description="Exact population risk of a one-layer model.")
     p.add_argument("--params", required=True, help="linattn-params-v1 JSON file")
     p.add_argument("--shots", default="0,1,2,5,10,20,40", help="comma-separated n >= 0")

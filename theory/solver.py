@@ -14,7 +14,7 @@ linattn.objectives registry (including ones users add) and any trainable subset:
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
