@@ -1,6 +1,26 @@
 """linattn: a JAX simulator of in-context learning and fine-tuning in linear attention.
 
 See ../README.md for the layout; SPEC sections are cited in each module's docstring.
+
+On a CPU host, importing linattn before JAX starts asks for one JAX device per core
+(jax_num_cpu_devices), so that the training engine (linattn.train) can use every core without
+flags. Set JAX_NUM_CPU_DEVICES (or XLA_FLAGS=--xla_force_host_platform_device_count=N) to choose.
 """
 
-__version__ = "0.1.0"
+import os as _os
+
+__version__ = "0.2.0"
+
+
+def _one_device_per_core() -> None:
+    if "JAX_NUM_CPU_DEVICES" in _os.environ or "device_count" in _os.environ.get("XLA_FLAGS", ""):
+        return
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", _os.cpu_count() or 1)
+    except RuntimeError:  # JAX already started its backends: keep what it has
+        pass
+
+
+_one_device_per_core()

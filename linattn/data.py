@@ -41,15 +41,23 @@ def _normal(key, shape, dtype=jnp.float32) -> jax.Array:
     return _flat(jax.random.normal, key, shape, dtype)
 
 
-def check_shots(n) -> None:
-    """Shot counts must be non-negative integers (checked on concrete values)."""
+def check_shots(n):
+    """Shot counts as a 1-D int array; ValueError naming a negative or non-integer count.
+
+    Traced counts cannot be checked and are returned as they are.
+    """
     try:
-        values = [int(v) for v in jnp.atleast_1d(jnp.asarray(n)).tolist()]
-    except jax.errors.ConcretizationTypeError:
-        return
-    bad = [v for v in values if v < 0]
-    if bad:
-        raise ValueError(f"number of shots must be >= 0; got {bad[0]}")
+        arr = np.atleast_1d(np.asarray(n))
+    except jax.errors.TracerArrayConversionError:
+        return n
+    if arr.ndim != 1:
+        raise ValueError(f"shots must be an int or a 1-D sequence of ints; got shape {arr.shape}")
+    for v in arr.tolist():
+        if isinstance(v, float) and not v.is_integer():
+            raise ValueError(f"number of shots must be an integer; got {v}")
+        if v < 0:
+            raise ValueError(f"number of shots must be >= 0; got {int(v) if float(v).is_integer() else v}")
+    return arr.astype(np.int64)
 
 
 def sample_tasks(key: jax.Array, batch: int, d: int, task="sphere", dtype=jnp.float32) -> jax.Array:
@@ -106,14 +114,18 @@ class PromptStats(NamedTuple):
     y: jax.Array  # (B,) the query's true label
 
 
+ROUNDS = 3  # Marsaglia-Tsang proposals drawn per lane before the fallback loop
+
+
 def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
     """Gamma(a, 1) draws for an array of shapes a > 0, exact (Marsaglia & Tsang 2000).
 
     One normal and one uniform per lane propose d v, d = a' - 1/3, v = (1 + x / sqrt(9 d))^3,
     accepted when log u < x^2/2 + d - d v + d log v; shapes a < 1 use a' = a + 1 and the boost
-    Gamma(a) = Gamma(a + 1) U^(1/a). Rejected lanes (a few percent) are redrawn in a while_loop
-    that touches only a small buffer of them, so the cost is about two draws per lane; unlike
-    jax.random.gamma there is no per-lane key split. Returns an array of a's shape.
+    Gamma(a) = Gamma(a + 1) U^(1/a). Every lane draws ROUNDS proposals at once and keeps its first
+    accepted one; the rare lanes rejected every time are redrawn in a while_loop over a small
+    buffer of them (usually zero iterations). Unlike jax.random.gamma there is no per-lane key
+    split. Returns an array of a's shape.
     """
     a = jnp.asarray(a, dtype)
     shape, flat = a.shape, jnp.ravel(a)
@@ -133,7 +145,12 @@ def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
         return dd_ * v, ok
 
     k0, k_boost, k_loop = jax.random.split(key, 3)
-    val, ok = propose(k0, dd, cc)
+    # ROUNDS proposals per lane up front; the first accepted one is the draw (the same law as
+    # proposing one at a time). Lanes rejected every time (about 1e-5 of them) go to the loop.
+    vals, oks = propose(k0, jnp.broadcast_to(dd, (ROUNDS, size)), jnp.broadcast_to(cc, (ROUNDS, size)))
+    first = jnp.argmax(oks, axis=0)
+    val = jnp.take_along_axis(vals, first[None], axis=0)[0]
+    ok = jnp.any(oks, axis=0)
     buf = min(size, 64 + size // 16)
 
     def body(state):
@@ -257,3 +274,9 @@ def sample_from_dataset(key, data: FineTuneData, n: int, batch: int) -> Prompts:
     idx = _flat(jax.random.randint, key, (batch, n + 1), 0, data.x.shape[0])
     x, y = data.x[idx], data.y[idx]
     return Prompts(build_prompt(x, y), y[:, -1])
+
+
+# name -> prompt sampler(key, n, batch, d, task, noise, cov_factor, dtype); read by training
+# (linattn.minibatch) and evaluation (linattn.evaluate). "tokens" returns Prompts (any model),
+# "stats" PromptStats (one-layer models; cost independent of n).
+SAMPLERS = {"tokens": sample_prompts, "stats": sample_prompt_stats}

@@ -1,6 +1,10 @@
 """Monte Carlo test error at many shot counts, with standard errors (SPEC sections 3 and 6).
 
-Shape notation: S shot counts, C chunks of b prompts, N_max = max shots + 1 tokens.
+Shape notation: S shot counts, C chunks of b prompts, N_max = max shots + 1 tokens, M models.
+
+Several models (parameter trees stacked on a leading axis M) are evaluated on the same prompts:
+each chunk is drawn once, and one-layer models then cost one column of a matmul each
+(linattn.model.stats_features), so the curves of every method of a seed cost about one.
 
 Prompts of every shot count share one shape: demonstrations past n are all-zero tokens, which a
 linear attention layer ignores when told the true n (linattn.model), so the whole curve is one
@@ -17,8 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from linattn import data as D
-from linattn.model import predict, predict_from_stats
+from linattn.minibatch import resolve_sampler
+from linattn.model import norm_factor, predict, stats_coefficients, stats_features
+from linattn.objectives import TASK_SOURCES
 from linattn.params import check_params
+
+# the three test tasks of the study (SPEC section 6): name -> task source
+TEST_TASKS = {"theta0": "target", "minus_theta0": "minus_target", "random": "random"}
 
 
 class Curve(NamedTuple):
@@ -30,19 +39,21 @@ class Curve(NamedTuple):
 
 
 def _chunk_errors(params, key, n, nmax: int, b: int, d: int, task, noise, cov_factor, normalization, sampler):
-    """Mean and sum of squared deviations of b squared errors at n shots (n may be traced)."""
+    """Means and sums of squared deviations (M,) of b squared errors at n shots for M stacked
+    models (n may be traced)."""
     dtype = params["V"].dtype
     if sampler == "stats":
         zq, S, y = D.sample_prompt_stats(key, n, b, d, task, noise, cov_factor, dtype)
-        pred = predict_from_stats(params, zq, S, n, normalization=normalization)
+        C = jax.vmap(stats_coefficients, out_axes=1)(params)  # (F, M)
+        pred = norm_factor(n, normalization).astype(dtype) * (stats_features(zq, S) @ C)
     else:
         Z, y = D.sample_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)
         keep = (jnp.arange(nmax + 1) >= nmax - n)  # the last n demonstrations and the query
         Z = jnp.where(keep[None, :, None], Z, 0.0)
-        pred = predict(params, Z, normalization=normalization, n=n)
-    err = (pred - y) ** 2
-    mean = jnp.mean(err)
-    return mean, jnp.sum((err - mean) ** 2)
+        pred = jax.vmap(lambda p: predict(p, Z, normalization=normalization, n=n), out_axes=1)(params)
+    err = (pred - y[:, None]) ** 2  # (b, M)
+    mean = jnp.mean(err, axis=0)
+    return mean, jnp.sum((err - mean[None, :]) ** 2, axis=0)
 
 
 def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noise: float = 0.1,
@@ -52,33 +63,34 @@ def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noi
 
     Args:
       key: PRNG key; shot count n uses fold_in(key, n), so a point does not depend on the list.
+      params: one parameter tree, or M trees stacked on a leading axis (then mean and se are (M, S)).
       task: "sphere", "gaussian" (fresh task per prompt) or a fixed (d,) vector such as theta0.
       samples: prompts per shot count (rounded up to whole chunks).
       sampler: "tokens", "stats" (one layer only) or "auto" (stats for one layer).
     """
-    check_params(params)
-    shots = np.asarray(shots, dtype=np.int64).reshape(-1)
+    many = np.ndim(params["V"]) == 5
+    if not many:
+        params = jax.tree.map(lambda a: jnp.asarray(a)[None], dict(params))
+    check_params({k: v[0] for k, v in params.items()})
+    shots = D.check_shots(shots)
     if shots.size == 0:
         raise ValueError("need at least one shot count")
-    D.check_shots(shots)
-    L, _, width, _ = params["V"].shape
+    L, _, width, _ = params["V"].shape[1:]
     d = width - 2
-    if sampler == "auto":
-        sampler = "stats" if L == 1 else "tokens"
-    if sampler not in ("tokens", "stats"):
-        raise ValueError(f"sampler {sampler!r} unknown; allowed: ['tokens', 'stats', 'auto']")
+    sampler = resolve_sampler(sampler, L == 1)
     b = min(chunk, samples)
     n_chunks = -(-samples // b)
     nmax = int(shots.max())
     means, ss = _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler)(
         params, key, jnp.asarray(shots), task if not isinstance(task, str) else None,
         cov_factor, task if isinstance(task, str) else None)
-    means, ss = np.asarray(means, np.float64), np.asarray(ss, np.float64)
+    means, ss = np.asarray(means, np.float64), np.asarray(ss, np.float64)  # (S, C, M)
     # combine equal chunks: total variance = within-chunk + between-chunk parts
     total = n_chunks * b
     mean = means.mean(axis=1)
     var = (ss.sum(axis=1) + b * ((means - mean[:, None]) ** 2).sum(axis=1)) / (total - 1)
-    return Curve(shots, mean, np.sqrt(var / total))
+    mean, se = mean.T, np.sqrt(var / total).T  # (M, S)
+    return Curve(shots, mean, se) if many else Curve(shots, mean[0], se[0])
 
 
 _PROGRAMS: dict = {}
@@ -107,8 +119,26 @@ def _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler):
 
 
 def test_errors(key, params: Mapping, shots: Sequence[int], theta0, **kwargs) -> dict[str, Curve]:
-    """Curves on theta0, -theta0 (a task unseen in fine-tuning) and fresh unit-sphere tasks."""
+    """Curves on the TEST_TASKS: theta0, -theta0 (unseen in fine-tuning) and fresh unit-sphere tasks.
+
+    Task i of TEST_TASKS uses the key fold_in(key, i).
+    """
     theta0 = jnp.asarray(theta0)
-    tasks = {"theta0": theta0, "minus_theta0": -theta0, "random": "sphere"}
-    return {name: test_error(jax.random.fold_in(key, i), params, shots, task, **kwargs)
-            for i, (name, task) in enumerate(tasks.items())}
+    out = {}
+    for i, (name, source) in enumerate(TEST_TASKS.items()):
+        fixed = TASK_SOURCES[source](theta0)
+        out[name] = test_error(jax.random.fold_in(key, i), params, shots, "sphere" if fixed is None else fixed, **kwargs)
+    return out
+
+
+def seed_stats(sim_mean, sim_se, theory):
+    """Seed average and its standard errors (arrays (S, ..., N)).
+
+    sim_se combines the Monte Carlo error, sqrt(sum_s se_s^2)/S, with the seed-to-seed spread of
+    the trained models, estimated without Monte Carlo noise from the spread of their exact risks:
+    sim_se^2 = var_s(theory_s)/S + sum_s se_s^2 / S^2.
+    """
+    S = sim_mean.shape[0]
+    mc = np.sqrt(np.sum(sim_se**2, axis=0)) / S
+    seed = np.std(theory, axis=0, ddof=1) / np.sqrt(S) if S > 1 else np.zeros_like(mc)
+    return sim_mean.mean(0), np.sqrt(mc**2 + seed**2), mc, theory.mean(0), seed

@@ -9,6 +9,7 @@ written in terms of `risk(params, shots, task)`, the expected squared error of t
 prediction with `shots` demonstrations on a task source:
 - "target": the fine-tuning task theta0 (in simulation: prompts drawn from the finite fine-tuning
   dataset when there is one);
+- "minus_target": -theta0 (fresh prompts);
 - "random": fresh tasks from the pretraining distribution.
 `progress` runs from 0 at the first training step to 1 at the last (schedules are functions of it)
 and `cfg` is an ObjectiveConfig.
@@ -28,7 +29,13 @@ import jax.numpy as jnp
 
 from linattn.params import tree_sq_dist
 
-TASK_SOURCES = ("target", "random")
+# task source -> the fixed task it draws from, given theta0 (None: fresh random tasks each prompt).
+# SPEC section 8. "target" prompts come from the finite fine-tuning dataset when there is one.
+TASK_SOURCES: dict[str, Callable] = {
+    "target": lambda theta0: theta0,
+    "minus_target": lambda theta0: -theta0,
+    "random": lambda theta0: None,
+}
 RiskFn = Callable[[Mapping, int, str], Any]
 
 
@@ -115,6 +122,18 @@ def register_objective(name: str) -> Callable:
         return fn
 
     return deco
+
+
+def register_task_source(name: str, task_of_theta0: Callable) -> None:
+    """Add a task source: task_of_theta0(theta0) -> a fixed (d,) task, or None for random tasks."""
+    if name in TASK_SOURCES:
+        raise ValueError(f"task source {name!r} is already registered")
+    TASK_SOURCES[name] = task_of_theta0
+
+
+def check_task_source(name: str) -> None:
+    if name not in TASK_SOURCES:
+        raise ValueError(f"task source {name!r} unknown; registered: {sorted(TASK_SOURCES)}")
 
 
 def get_objective(name: str) -> Objective:

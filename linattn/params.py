@@ -198,3 +198,15 @@ def load_params(path: str | Path, *, dtype=jnp.float32) -> tuple[dict, str]:
 def tree_sq_dist(a: Mapping, b: Mapping) -> jax.Array:
     """Sum of squared differences over all leaves (for L2 pulls toward reference weights)."""
     return sum(jnp.sum((a[k] - b[k]) ** 2) for k in a)
+
+
+def gamma_w(params: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """(g, w) of one-layer trees (any leading axes): g the mean diagonal of the x-block of the
+    effective KQ of head 0, w the label weight v_y of head 0 (SPEC section 4: ICL uses the product g w)."""
+    V = np.asarray(params["V"])
+    lead = V.shape[:-4]
+    flat = {k: jnp.asarray(np.asarray(v).reshape((-1,) + np.shape(v)[-4:])) for k, v in params.items()}
+    kq = np.asarray(jax.vmap(effective_kq)(flat))[:, 0, 0]
+    d = kq.shape[-1] - 2
+    g = np.trace(kq[:, 1 : d + 1, 1 : d + 1], axis1=-2, axis2=-1) / d
+    return g.reshape(lead), V[..., 0, 0, -1, -1]

@@ -1,59 +1,78 @@
-"""Training as one compiled program: lax.scan over steps, vmappable over seeds, methods, rates.
+"""The training engine: a plan of runs, grouped into compiled programs (SPEC section 3).
 
-Shape notation: R runs (seeds x learning rates x ...), T steps, K history points.
+Shape notation: R slots (distinct keys) of a group, M method columns, K history buckets,
+P devices.
 
-`train_fn(cfg)` returns a pure function
-    run(key, params0, lr, ctx, obj_cfg) -> TrainResult
-that is jit-compiled once per static TrainConfig and vmaps over any of its array arguments.
-The objective is evaluated with a Monte Carlo risk (SPEC section 3): each call
-risk(params, shots, task) draws its own minibatch from a key folded from the step, the shot count
-and the task source, so two objectives (or two subsets) given the same key see the same
-minibatches: common random numbers come for free, and a method's ZS term in "zs" and "zsfs" is
-computed on identical prompts.
+A `Run` names one training run: its key, starting parameters, objective, subset, learning rate,
+ObjectiveConfig (auxiliary weight, schedule, per-run data such as reference parameters), task
+context and TrainConfig. `train_plan(runs)` groups the runs that can share minibatches (same
+TrainConfig and task context) and compiles one program per group:
+
+- runs of a group with the same key form a slot; slots are vmapped (R);
+- within a slot, runs with different objectives, subsets or parameter shapes are method columns
+  fused in one step (linattn.step): every (shots, task) minibatch is drawn once per slot and read
+  by all M columns (common random numbers), and one-layer columns cost one matmul column each;
+- learning rates, starting parameters and ObjectiveConfig arrays are traced per cell, so sweeps
+  over them do not recompile; a missing (slot, column) cell is padded and dropped.
+
+The risk source is a plan setting: "mc" (minibatch Monte Carlo, linattn.minibatch) trains;
+"exact" (theory.risk.exact_source, float64) is the population gradient flow with the same
+optimizer, schedule and steps (theory.solver.gradient_flow).
+
+Devices are a call-site setting: `devices=None` uses every local device (on a CPU, linattn asks
+for one device per core when it is imported), `devices=1` one. `layout` "runs" shards the slots
+over the devices; "batch" splits every step's minibatch over them (B / P prompts each, key
+fold_in(step key, device), losses and gradients averaged with pmean: the same distribution as
+one device, another random stream); "auto" picks per group (choose_layout).
+Steps run in chunks of at most `chunk` so that `on_progress` can report and estimate time left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, NamedTuple, Optional
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from linattn import data as D
-from linattn.model import norm_factor, predict
-from linattn.objectives import TASK_SOURCES, ObjectiveConfig, get_objective
-from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels
-from linattn.params import check_params, effective_kq, value_row
+from linattn import step as St
+from linattn.minibatch import monte_carlo, resolve_sampler
+from linattn.objectives import ObjectiveConfig, get_objective
+from linattn.optim import OptimizerConfig, Subset, param_labels
+from linattn.params import check_params
 
-SAMPLERS = ("tokens", "stats")
+LAYOUTS = ("auto", "runs", "batch")
+SOURCES = ("mc", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Static settings of one training program (SPEC section 3 reference values).
+    """Static settings shared by the runs of one program (SPEC section 3 reference values).
 
-    The learning rate, keys, initial parameters, task arrays and ObjectiveConfig are traced
-    arguments of the compiled program, so sweeps over them do not recompile.
+    Keys, learning rates, initial parameters, task arrays and ObjectiveConfig arrays are traced,
+    so sweeps over them do not recompile.
     """
 
-    objective: str = "pretrain"  # a name in linattn.objectives.OBJECTIVES
-    subset: Any = "all"  # a name in linattn.optim.SUBSETS or a function of the leaf name
     steps: int = 5000  # optimizer steps
-    batch: int = 5000  # prompts per risk evaluation
+    batch: int = 5000  # prompts per risk term and step
     d: int = 5  # covariate dimension
     noise: float = 0.1  # label-noise variance sigma^2
     tasks: str = "sphere"  # distribution of "random" tasks: "sphere" | "gaussian"
     normalization: str = "tokens"  # "tokens" = 1/(n+1), "shots" = 1/n
-    sampler: str = "tokens"  # "tokens" (any model) | "stats" (one layer, cost independent of n)
+    sampler: str = "auto"  # a name in linattn.data.SAMPLERS, or "auto" (stats for one layer)
     history: int = 100  # length of the returned loss history (bucket means)
     optimizer: OptimizerConfig = OptimizerConfig()
 
     def __post_init__(self):
-        get_objective(self.objective)
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} unknown; allowed: {list(SAMPLERS)}")
+        if self.sampler != "auto" and self.sampler not in D.SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} unknown; allowed: {sorted(D.SAMPLERS)} or 'auto'")
         if self.tasks not in D.TASK_KINDS:
             raise ValueError(f"tasks {self.tasks!r} unknown; allowed: {list(D.TASK_KINDS)}")
         for name in ("steps", "batch", "d", "history"):
@@ -64,9 +83,9 @@ class TrainConfig:
 
 
 class TaskContext(NamedTuple):
-    """Arrays the objective's task sources read (traced, so vmappable).
+    """Arrays the task sources read (traced).
 
-    theta0: (d,) the fine-tuning task ("target").
+    theta0: (d,) the fine-tuning task ("target"; "minus_target" is -theta0).
     dataset: FineTuneData drawn from theta0, or None to draw "target" prompts fresh from theta0.
     cov_factor: (d, d) factor L of the covariate covariance (L L^T = Sigma), or None for I.
     """
@@ -78,339 +97,342 @@ class TaskContext(NamedTuple):
 
 class TrainResult(NamedTuple):
     params: dict  # final parameters (the last finite ones if training diverged)
-    history: jax.Array  # (K,) mean loss in K equal buckets of steps
-    final_loss: jax.Array  # () loss at the last step
-    diverged_at: jax.Array  # () first step with a non-finite loss or parameter, -1 if none
+    history: np.ndarray  # (K,) mean loss in K equal buckets of steps
+    final_loss: np.ndarray  # () loss at the last step
+    diverged_at: np.ndarray  # () first step with a non-finite loss or parameter, -1 if none
 
 
 class TrainingDiverged(FloatingPointError):
-    """A run produced a non-finite loss; carries the step and learning rate."""
+    """A run produced a non-finite loss; carries the step, learning rate and run."""
 
-    def __init__(self, step: int, lr: float, run: int | None = None):
+    def __init__(self, step: int, lr: float, run: Any = None):
         where = "" if run is None else f"run {run}: "
         super().__init__(f"{where}training diverged (non-finite loss) at step {step} with learning rate {lr:g}")
         self.step, self.lr, self.run = step, lr, run
 
 
-def _outer_sum(Z: jax.Array) -> jax.Array:
-    """sum_n z_n z_n^T of prompts (..., N, D), as a fused broadcast sum (faster on CPU than a
-    batched dot of 7 x 21 blocks); the same numbers as linattn.data.prompt_stats up to rounding."""
-    return jnp.sum(Z[..., :, :, None] * Z[..., :, None, :], axis=-3)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """One training run of a plan.
 
-
-def _features(zq: jax.Array, S: jax.Array) -> jax.Array:
-    """(B, D * D(D+1)/2) features zq_i S_jk (j <= k) of one-layer prompts; see _coefs."""
-    iu = np.triu_indices(S.shape[-1])
-    Su = S[:, iu[0], iu[1]]
-    return (zq[:, :, None] * Su[:, None, :]).reshape(zq.shape[0], -1)
-
-
-def _coefs(params) -> jax.Array:
-    """c with _features(zq, S) @ c = (1/H) sum_h zq^T KQ_h S v_h for symmetric S (one layer).
-
-    The prediction of linattn.model.predict_from_stats without its normalization, written as one
-    matrix product: the features do not depend on the parameters, so several methods trained on
-    the same minibatch (train_methods) share them and each costs one column of a matmul.
+    key: PRNG key (typed or raw uint32); runs of a group with equal keys see the same minibatches.
+    params0: starting parameter tree (linattn.params).
+    obj: ObjectiveConfig; its arrays (aux_weight, l2, ref_params) are per-run data.
     """
-    kq, v = effective_kq(params)[0], value_row(params)[0]
-    t3 = jnp.mean(kq[:, :, :, None] * v[:, None, None, :], axis=0)  # (D, D, D): i, j, k
-    t3 = t3 + jnp.swapaxes(t3, 1, 2)
-    iu = np.triu_indices(t3.shape[-1])
-    half = np.where(iu[0] == iu[1], 0.5, 1.0).astype(t3.dtype)
-    return (t3[:, iu[0], iu[1]] * half[None, :]).reshape(-1)
 
-
-def _predict_one_layer(params, zq, S, n, normalization: str):
-    """linattn.model.predict_from_stats for one layer, as features @ coefficients."""
-    return norm_factor(n, normalization).astype(zq.dtype) * (_features(zq, S) @ _coefs(params))
-
-
-def mc_risk(key, cfg: TrainConfig, ctx: TaskContext):
-    """risk(params, shots, task): minibatch mean squared error of the query prediction.
-
-    Within one risk function (one step) a (params, shots, task) triple is evaluated once: an
-    objective that names the same term twice, or several objectives summed, share it.
-    One-layer models read prompts through their statistics (zq, S), built once per minibatch.
-    """
-    cache: dict = {}
-
-    def risk(params, shots: int, task: str):
-        if task not in TASK_SOURCES:
-            raise ValueError(f"task source {task!r} unknown; allowed: {list(TASK_SOURCES)}")
-        D.check_shots(shots)
-        memo = (id(params), int(shots), task)
-        if memo in cache:
-            return cache[memo][1]
-        k = jax.random.fold_in(jax.random.fold_in(key, shots), TASK_SOURCES.index(task))
-        dtype = params["V"].dtype
-        one_layer = params["V"].shape[0] == 1
-        if task == "target" and ctx.dataset is not None:
-            Z, y = D.sample_from_dataset(k, ctx.dataset, shots, cfg.batch)
-            Z = Z.astype(dtype)
-            if one_layer:
-                pred = _predict_one_layer(params, Z[:, -1], _outer_sum(Z), shots, cfg.normalization)
-            else:
-                pred = predict(params, Z, normalization=cfg.normalization)
-        else:
-            dist = ctx.theta0 if task == "target" else cfg.tasks
-            args = (k, shots, cfg.batch, cfg.d, dist, cfg.noise, ctx.cov_factor, dtype)
-            if cfg.sampler == "stats":
-                if not one_layer:
-                    raise ValueError(f"sampler 'stats' is for one-layer models; these parameters have "
-                                     f"{params['V'].shape[0]} layers (use sampler='tokens')")
-                zq, S, y = D.sample_prompt_stats(*args)
-                pred = _predict_one_layer(params, zq, S, shots, cfg.normalization)
-            else:
-                Z, y = D.sample_prompts(*args)
-                if one_layer:  # the query label is zero, so predict() reduces to this
-                    pred = _predict_one_layer(params, Z[:, -1], _outer_sum(Z), shots, cfg.normalization)
-                else:
-                    pred = predict(params, Z, normalization=cfg.normalization)
-        value = jnp.mean((pred - y) ** 2)
-        cache[memo] = (params, value)  # keep params alive so its id is not reused
-        return value
-
-    return risk
-
-
-def _bucket_sizes(steps: int, k: int) -> np.ndarray:
-    idx = np.arange(steps) * k // steps
-    return np.bincount(idx, minlength=k)
-
-
-def _scan_train(cfg: TrainConfig, key, params0, opt, loss_fn, step_update, value_and_grad=None) -> TrainResult:
-    """lax.scan over cfg.steps optimizer steps with divergence guard and bucketed history.
-
-    loss_fn(params, step) -> scalar; step_update(grads, opt_state, params) -> (new_params, new_state).
-    value_and_grad(loss_fn) -> (params, step) -> (loss, grads); default jax.value_and_grad (the
-    data-parallel path passes one that averages over devices, see data_parallel_value_and_grad).
-    """
-    vg = (value_and_grad or jax.value_and_grad)(loss_fn)
-    k_hist = min(cfg.history, cfg.steps)
-    counts = jnp.asarray(_bucket_sizes(cfg.steps, k_hist))
-
-    def body(carry, step):
-        params, opt_state, hist, bad = carry
-        loss, grads = vg(params, step)
-        new_params, new_state = step_update(grads, opt_state, params)
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
-        bad = jnp.where((bad < 0) & ~finite, step, bad)
-        ok = bad < 0
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        hist = hist.at[step * k_hist // cfg.steps].add(jnp.where(ok, loss, 0.0))
-        return (keep(new_params, params), keep(new_state, opt_state), hist, bad), loss
-
-    init = (params0, opt.init(params0), jnp.zeros(k_hist, params0["V"].dtype), jnp.asarray(-1))
-    (params, _, hist, bad), losses = jax.lax.scan(body, init, jnp.arange(cfg.steps))
-    return TrainResult(params, hist / counts, losses[-1], bad)
-
-
-def step_risk(key, step, cfg: TrainConfig, ctx: TaskContext, data_axis: Optional[str] = None, n_dev: int = 1):
-    """The Monte Carlo risk of one step: mc_risk(fold_in(key, step), cfg, ctx) on one device.
-
-    With data_axis (inside shard_map or a named vmap over n_dev devices), device i draws
-    cfg.batch / n_dev prompts with the key fold_in(fold_in(key, step), i): the same distribution
-    as the single-device minibatch, but a different random stream.
-    """
-    step_key = jax.random.fold_in(key, step)
-    if data_axis is None:
-        return mc_risk(step_key, cfg, ctx)
-    return mc_risk(jax.random.fold_in(step_key, jax.lax.axis_index(data_axis)), local_config(cfg, n_dev), ctx)
-
-
-def local_config(cfg: TrainConfig, n_dev: int) -> TrainConfig:
-    """cfg with the per-device batch cfg.batch / n_dev (which must divide evenly)."""
-    if n_dev < 1 or cfg.batch % n_dev:
-        raise ValueError(f"batch {cfg.batch} does not split evenly over {n_dev} devices")
-    return cfg if n_dev == 1 else dataclasses.replace(cfg, batch=cfg.batch // n_dev)
-
-
-def data_parallel_value_and_grad(data_axis: Optional[str]):
-    """value_and_grad for a loss whose minibatch is split over the named axis `data_axis`.
-
-    Returns vg with vg(loss_fn)(params, step) = (pmean of the per-device losses, pmean of the
-    per-device gradients). The parameters are replicated (invariant over the axis); they are
-    cast to device-varying before differentiating, so each device's gradient is its own and the
-    mean is taken once, explicitly (without the cast, shard_map would psum the gradient of an
-    invariant input itself). None: plain jax.value_and_grad.
-    """
-    if data_axis is None:
-        return jax.value_and_grad
-
-    def vg(loss_fn):
-        def f(params, step):
-            local = jax.tree.map(lambda a: jax.lax.pcast(a, data_axis, to="varying"), params)
-            loss, grads = jax.value_and_grad(loss_fn)(local, step)
-            return jax.lax.pmean(loss, data_axis), jax.lax.pmean(grads, data_axis)
-
-        return f
-
-    return vg
-
-
-def train_fn(cfg: TrainConfig):
-    """The pure training function for a static config (see module docstring)."""
-    return data_parallel_train_fn(cfg, None, 1)
-
-
-def data_parallel_train_fn(cfg: TrainConfig, data_axis: Optional[str], n_dev: int):
-    """train_fn(cfg) with each step's minibatch split over the named axis `data_axis` of n_dev devices.
-
-    Meant to run inside shard_map (linattn.sharding.train_data_parallel) with every argument
-    replicated: device i draws cfg.batch / n_dev prompts (step_risk), the losses and gradients
-    are averaged over devices (data_parallel_value_and_grad), and every device applies the same
-    update, so the parameters stay replicated. data_axis None (n_dev 1) is train_fn(cfg).
-    """
-    objective = get_objective(cfg.objective).fn
-    vg = data_parallel_value_and_grad(data_axis)
-    local_config(cfg, n_dev)
-
-    def run(key, params0, lr, ctx: TaskContext, obj_cfg: ObjectiveConfig) -> TrainResult:
-        check_params(params0, cfg.d)
-        labels = param_labels(params0, cfg.subset)
-        opt = make_optimizer(params0, cfg.subset, lr, cfg.optimizer)
-
-        def loss_fn(params, step):
-            progress = step / max(cfg.steps - 1, 1)
-            risk = step_risk(key, step, cfg, ctx, data_axis, n_dev)
-            return objective(risk, params, progress, obj_cfg)
-
-        def step_update(grads, opt_state, params):
-            updates, new_state = opt.update(grads, opt_state, params)
-            return apply_updates(params, updates, labels), new_state
-
-        return _scan_train(cfg, key, params0, opt, loss_fn, step_update, vg)
-
-    return run
-
-
-def methods_fn(cfg: TrainConfig, objectives: tuple):
-    """Training function for one method given as data: objective weights and a trainable mask.
-
-    run(key, params0, lr, ctx, obj_cfg, weights, mask): the loss is sum_o weights[o] *
-    objective_o (objectives a tuple of registered names); mask maps each leaf to 1.0 (train) or
-    0.0 (freeze). Gradients of frozen leaves are zeroed before the clip, so the global norm counts
-    trainable leaves only (as optax.partition in linattn.optim), and frozen leaves are kept bit
-    for bit. Vmapping over (weights, mask) with the key unbatched trains several methods on the
-    very same minibatches, which are then drawn once per step for all of them.
-    """
-    return data_parallel_methods_fn(cfg, objectives, None, 1)
-
-
-def data_parallel_methods_fn(cfg: TrainConfig, objectives: tuple, data_axis: Optional[str], n_dev: int):
-    """methods_fn(cfg, objectives) with the minibatch split over `data_axis` (see data_parallel_train_fn)."""
-    fns = [get_objective(o).fn for o in objectives]
-    vg = data_parallel_value_and_grad(data_axis)
-    local_config(cfg, n_dev)
-
-    def run(key, params0, lr, ctx, obj_cfg, weights, mask) -> TrainResult:
-        check_params(params0, cfg.d)
-        opt = make_optimizer(params0, lambda name: True, lr, cfg.optimizer)
-
-        def loss_fn(params, step):
-            progress = step / max(cfg.steps - 1, 1)
-            risk = step_risk(key, step, cfg, ctx, data_axis, n_dev)
-            return sum(weights[i] * f(risk, params, progress, obj_cfg) for i, f in enumerate(fns))
-
-        def step_update(grads, opt_state, params):
-            grads = {k: g * mask[k].astype(g.dtype) for k, g in grads.items()}
-            updates, new_state = opt.update(grads, opt_state, params)
-            new = {k: jnp.where(mask[k] > 0, (params[k] + updates[k]).astype(params[k].dtype), params[k])
-                   for k in params}
-            return new, new_state
-
-        return _scan_train(cfg, key, params0, opt, loss_fn, step_update, vg)
-
-    return run
-
-
-def method_arrays(params0, methods) -> tuple[tuple, jax.Array, dict]:
-    """(objective names, weights (M, O), masks {leaf: (M,)}) for methods [(objective, subset), ...]."""
-    if len(methods) == 0:
-        raise ValueError("need at least one (objective, subset) method")
-    names = tuple(dict.fromkeys(o for o, _ in methods))
-    for o in names:
-        get_objective(o)
-    weights = np.zeros((len(methods), len(names)), np.float32)
-    masks = {k: np.zeros(len(methods), np.float32) for k in params0}
-    for i, (o, subset) in enumerate(methods):
-        weights[i, names.index(o)] = 1.0
-        for k, lab in param_labels(params0, subset).items():
-            masks[k][i] = 1.0 if lab == "train" else 0.0
-    return names, jnp.asarray(weights), {k: jnp.asarray(v) for k, v in masks.items()}
-
-
-def train_methods(key, params0, lr, ctx: TaskContext, methods, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
-                  cfg: TrainConfig = TrainConfig(), check: bool = True) -> TrainResult:
-    """M methods [(objective, subset), ...] from the same start, in one compiled program.
-
-    Every method sees the same minibatches (the key is shared: common random numbers), so the
-    result equals [train(key, params0, lr, ctx, obj_cfg, cfg=replace(cfg, objective=o, subset=s))
-    for o, s in methods] up to float rounding, while each minibatch is drawn once for all M
-    methods. cfg.objective and cfg.subset are ignored. Fields of the result lead with axis M.
-    """
-    names, weights, masks = method_arrays(params0, methods)
-    dtype = params0["V"].dtype
-    fn = compiled_methods(cfg, names)
-    res = fn(key, params0, jnp.asarray(lr, dtype), ctx, obj_cfg, weights.astype(dtype),
-             {k: v.astype(dtype) for k, v in masks.items()})
-    if check:
-        raise_if_diverged(res, np.broadcast_to(np.asarray(lr, np.float64), (len(methods),)))
-    return res
-
-
-def compiled_methods(cfg: TrainConfig, objectives: tuple):
-    """jit(vmap over methods) of methods_fn(cfg, objectives), cached per static configuration."""
-    sig = ("methods", dataclasses.replace(cfg, objective="pretrain", subset="all"), tuple(objectives))
-    if sig not in _CACHE:
-        fn = jax.vmap(methods_fn(cfg, tuple(objectives)), in_axes=(None, None, None, None, None, 0, 0))
-        _CACHE[sig] = jax.jit(fn)
-    return _CACHE[sig]
+    key: Any
+    params0: Mapping
+    ctx: TaskContext
+    objective: str = "pretrain"
+    subset: Subset = "all"
+    lr: Any = 0.01
+    obj: ObjectiveConfig = ObjectiveConfig()
+    cfg: TrainConfig = TrainConfig()
+    name: str = ""
 
 
 def train(key, params0, lr, ctx: TaskContext, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
-          cfg: TrainConfig = TrainConfig(), check: bool = True) -> TrainResult:
-    """Train one run (jit-compiled); raises TrainingDiverged if check and the loss went non-finite."""
-    res = compiled(cfg)(key, params0, jnp.asarray(lr, params0["V"].dtype), ctx, obj_cfg)
-    if check:
-        raise_if_diverged(res, lr)
-    return res
+          objective: str = "pretrain", subset: Subset = "all", cfg: TrainConfig = TrainConfig(),
+          **plan_kwargs) -> TrainResult:
+    """One run: train_plan([Run(...)])[0]."""
+    return train_plan([Run(key, params0, ctx, objective, subset, lr, obj_cfg, cfg)], **plan_kwargs)[0]
 
 
-def train_many(keys, params0, lrs, ctx: TaskContext, obj_cfg: ObjectiveConfig = ObjectiveConfig(), *,
-               cfg: TrainConfig = TrainConfig(), params_batched: bool = False, check: bool = True) -> TrainResult:
-    """R runs in one compiled program, vmapped over keys (R,) and learning rates (R,).
+# ---------------------------------------------------------------- planning
+def _raw_key(key):
+    if key is None:  # the exact source reads no key
+        return np.zeros(2, np.uint32), None
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(key)), str(jax.random.key_impl(key))
+    return np.asarray(key, np.uint32), None
 
-    params0 is shared by all runs unless params_batched (leading axis R).
+
+def _column_sig(run: Run):
+    o = run.obj
+    col = St.Column(run.objective, run.subset, int(o.m), int(o.n_ft), o.schedule)
+    shapes = tuple((k, tuple(np.shape(v)), str(jnp.asarray(v).dtype)) for k, v in sorted(run.params0.items()))
+    ref = jax.tree.structure(o.ref_params), tuple(np.shape(a) for a in jax.tree.leaves(o.ref_params))
+    return col, shapes, ref
+
+
+def _check_run(i: int, run: Run, source: str) -> None:
+    what = f"run {run.name or i}"
+    if run.key is None and source == "mc":
+        raise ValueError(f"{what}: Monte Carlo training needs a PRNG key; got None")
+    if not isinstance(run.cfg, TrainConfig):
+        raise TypeError(f"{what}: cfg must be a TrainConfig; got {type(run.cfg).__name__}")
+    get_objective(run.objective)
+    check_params(run.params0, run.cfg.d)
+    param_labels(run.params0, run.subset)
+    lr = np.asarray(run.lr, np.float64)
+    if lr.ndim or not np.isfinite(lr) or lr <= 0:
+        raise ValueError(f"{what}: learning rate must be a finite number > 0; got {run.lr!r}")
+    resolve_sampler(run.cfg.sampler, run.params0["V"].shape[0] == 1)
+    theta = np.shape(run.ctx.theta0)
+    if theta != (run.cfg.d,):
+        raise ValueError(f"{what}: theta0 has shape {theta}; expected ({run.cfg.d},) for d = {run.cfg.d}")
+
+
+class Group(NamedTuple):
+    cfg: TrainConfig
+    ctx: TaskContext
+    sigs: tuple  # M column signatures
+    cells: np.ndarray  # (R, M) run index or -1
+    keys: np.ndarray  # (R, 2) raw keys
+    impl: Optional[str]
+
+
+def plan_groups(runs: Sequence[Run], source: str) -> list[Group]:
+    """Groups of runs sharing a program: same TrainConfig and task context (object identity)."""
+    by_group: dict = {}
+    for i, run in enumerate(runs):
+        by_group.setdefault((run.cfg, id(run.ctx)), []).append(i)
+    groups = []
+    for (cfg, _), idx in by_group.items():
+        slots: dict = {}  # slot id -> {column sig -> [run idx]}
+        counts: dict = {}
+        impls = set()
+        for i in idx:
+            raw, impl = _raw_key(runs[i].key)
+            impls.add(impl)
+            sig = _column_sig(runs[i])
+            if source == "mc":
+                slot = raw.tobytes()
+            else:  # the exact source reads no keys: one slot per occurrence of a column
+                slot = counts.get(sig, 0)
+                counts[sig] = slot + 1
+            slots.setdefault(slot, ({}, raw))[0].setdefault(sig, []).append(i)
+        if len(impls) > 1:
+            raise ValueError(f"runs of one group mix key kinds {sorted(map(str, impls))}; use one kind of key")
+        cols: list = []  # (sig, occurrence)
+        for per_sig, _ in slots.values():
+            for sig, members in per_sig.items():
+                for j in range(len(members)):
+                    if (sig, j) not in cols:
+                        cols.append((sig, j))
+        cells = -np.ones((len(slots), len(cols)), np.int64)
+        for r, (per_sig, _) in enumerate(slots.values()):
+            for sig, members in per_sig.items():
+                for j, i in enumerate(members):
+                    cells[r, cols.index((sig, j))] = i
+        keys = np.stack([raw for _, raw in slots.values()])
+        groups.append(Group(cfg, runs[idx[0]].ctx, tuple(s for s, _ in cols), cells, keys, impls.pop()))
+    return groups
+
+
+def choose_layout(slots: int, batch: int, n_dev: int, source: str, layout: str = "auto") -> str:
+    """"single" on one device; otherwise "runs" (slots sharded) or "batch" (minibatch split).
+
+    auto: "runs" when the slots fill the devices evenly (no padding), else "batch" when the batch
+    splits evenly (Monte Carlo only), else "runs" with padded slots. BENCHMARKS.md has the
+    measurements behind this rule.
     """
-    keys = jnp.asarray(keys)
-    lrs = jnp.broadcast_to(jnp.asarray(lrs, jnp.float32), keys.shape[:1])
-    res = compiled(cfg, batched=True, params_batched=params_batched)(keys, params0, lrs, ctx, obj_cfg)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} unknown; allowed: {list(LAYOUTS)}")
+    if n_dev == 1:
+        return "single"
+    if layout == "batch":
+        if source != "mc" or batch % n_dev:
+            raise ValueError(f"layout 'batch' needs the Monte Carlo source and a batch divisible by {n_dev} "
+                             f"devices; got source {source!r}, batch {batch}")
+        return "batch"
+    if layout == "runs":
+        return "runs"
+    if slots % n_dev == 0 or source != "mc" or batch % n_dev:
+        return "runs"
+    return "batch"
+
+
+def resolve_devices(devices=None) -> list:
+    """None: every local device; an int n: the first n; or a sequence of devices."""
+    local = jax.local_devices()
+    if devices is None:
+        return local
+    if isinstance(devices, (int, np.integer)):
+        if not 1 <= devices <= len(local):
+            raise ValueError(f"devices={devices} must be between 1 and the {len(local)} local devices")
+        return local[: int(devices)]
+    return list(devices)
+
+
+# ---------------------------------------------------------------- programs
+_PROGRAMS: dict = {}
+AXIS = "devices"
+
+
+def _source_fn(source: str) -> Callable:
+    if source == "mc":
+        return monte_carlo
+    from theory.risk import exact_source  # theory depends on linattn, not the reverse, at import
+
+    return exact_source
+
+
+def _program_sig(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int) -> tuple:
+    return (tuple(s[0] for s in group.sigs), tuple(s[1:] for s in group.sigs), group.cfg, source, layout, devices,
+            chunk, k_hist, group.impl)
+
+
+def _programs(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int):
+    """(init, run) jitted functions of a group, cached per static configuration."""
+    columns = tuple(s[0] for s in group.sigs)
+    sig = _program_sig(group, source, layout, devices, chunk, k_hist)
+    if sig in _PROGRAMS:
+        return _PROGRAMS[sig]
+    cfg = group.cfg
+    n_dev = len(devices)
+    local_cfg = dataclasses.replace(cfg, batch=cfg.batch // n_dev) if layout == "batch" else cfg
+    src = _source_fn(source)
+    impl = group.impl
+
+    def slot_init(params0, lrs):
+        return St.init_state(columns, params0, lrs, cfg, k_hist)
+
+    def slot_run(state, raw_key, lrs, objs, ctx, steps):
+        key = raw_key if impl is None else jax.random.wrap_key_data(raw_key, impl=impl)
+        return St.run_steps(state, key, lrs, objs, ctx, steps, columns=columns, cfg=local_cfg, source=src,
+                            k_hist=k_hist, data_axis=AXIS if layout == "batch" else None)
+
+    init = jax.jit(jax.vmap(slot_init))
+    run = jax.vmap(slot_run, in_axes=(0, 0, 0, 0, None, None))
+    if layout in ("runs", "batch"):
+        mesh = Mesh(np.asarray(devices), (AXIS,))
+        spec = P(AXIS) if layout == "runs" else P()
+        run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, spec, P(), P()), out_specs=spec)
+    _PROGRAMS[sig] = (init, jax.jit(run, donate_argnums=0))
+    return _PROGRAMS[sig]
+
+
+def _x64(on: bool):
+    return jax.enable_x64(True) if on else contextlib.nullcontext()
+
+
+def _chunk_size(steps: int, chunk: int) -> int:
+    """The largest divisor of steps that is at most chunk (steps itself if only tiny ones exist)."""
+    best = max(c for c in range(1, min(steps, chunk) + 1) if steps % c == 0)
+    return best if best * 8 >= min(steps, chunk) else steps
+
+
+def _bucket_counts(steps: int, k: int) -> np.ndarray:
+    return np.bincount(np.arange(steps) * k // steps, minlength=k)
+
+
+def _stack(trees: list, dtype):
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x, dtype) for x in xs]), *trees)
+
+
+def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: str, chunk: int) -> dict:
+    """Arrays, programs and initial state of one group, laid out on the devices."""
+    cfg = g.cfg
+    R, M = g.cells.shape
+    n_dev = len(devices)
+    layout = choose_layout(R, cfg.batch, n_dev, source, layout)
+    pad = (-R) % n_dev if layout == "runs" else 0
+    cells = np.concatenate([g.cells, np.repeat(g.cells[:1], pad, axis=0)]) if pad else g.cells
+    keys = np.concatenate([g.keys, np.repeat(g.keys[:1], pad, axis=0)]) if pad else g.keys
+    filler = [next(int(i) for i in cells[:, m] if i >= 0) for m in range(M)]
+    pick = lambda r, m: runs[cells[r, m] if cells[r, m] >= 0 else filler[m]]
+    dtype = np.float64 if source == "exact" else np.dtype(jnp.asarray(runs[filler[0]].params0["V"]).dtype)
+    params0 = tuple(_stack([dict(pick(r, m).params0) for r in range(len(cells))], dtype) for m in range(M))
+    lrs = tuple(np.asarray([pick(r, m).lr for r in range(len(cells))], dtype) for m in range(M))
+    objs = tuple(_stack([pick(r, m).obj for r in range(len(cells))], dtype) for m in range(M))
+    ctx = g.ctx
+    if source == "exact":
+        ctx = TaskContext(np.asarray(ctx.theta0, np.float64), None,
+                          None if ctx.cov_factor is None else np.asarray(ctx.cov_factor, np.float64))
+    k_hist = min(cfg.history, cfg.steps)
+    c = _chunk_size(cfg.steps, chunk)
+    init, run = _programs(g, source, layout, tuple(devices), c, k_hist)
+    state = init(params0, lrs)
+    if layout != "single":
+        mesh = Mesh(np.asarray(devices), (AXIS,))
+        spec = NamedSharding(mesh, P(AXIS) if layout == "runs" else P())
+        state, keys, lrs, objs = jax.device_put((state, keys, lrs, objs), spec)
+        ctx = jax.device_put(ctx, NamedSharding(mesh, P()))
+    sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist), len(cells), str(dtype))
+    return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source == "exact",
+                sig=sig)
+
+
+_EXECUTABLES: dict = {}
+
+
+def _compile(prep: dict):
+    """The group's step program compiled ahead of time (threads compile groups concurrently),
+    cached per program and slot count, so a second plan of the same shapes does not recompile."""
+    if prep["sig"] not in _EXECUTABLES:
+        with _x64(prep["x64"]):  # JAX config contexts are per thread
+            steps = jnp.arange(prep["chunk"], dtype=jnp.int32)
+            _EXECUTABLES[prep["sig"]] = prep["run"].lower(*prep["args"], steps).compile()
+    return _EXECUTABLES[prep["sig"]]
+
+
+def _execute(prep: dict, compiled, on_progress: Optional[Callable], where: tuple) -> dict:
+    """Run a prepared group chunk by chunk; {run index: TrainResult} with host (numpy) arrays."""
+    g, c, k_hist = prep["group"], prep["chunk"], prep["k_hist"]
+    cfg = g.cfg
+    state, rest = prep["args"][0], prep["args"][1:]
+    t0 = time.time()
+    for start in range(0, cfg.steps, c):
+        state = compiled(state, *rest, jnp.arange(start, start + c, dtype=jnp.int32))
+        if on_progress is not None:
+            jax.block_until_ready(state.bad)
+            on_progress(*where, start + c, cfg.steps, time.time() - t0)
+    host = jax.tree.map(np.asarray, state)
+    hist = host.hist / _bucket_counts(cfg.steps, k_hist)
+    out = {}
+    R, M = g.cells.shape
+    for r in range(R):
+        for m in range(M):
+            i = int(g.cells[r, m])
+            if i >= 0:
+                params = {k: v[r] for k, v in host.params[m].items()}
+                out[i] = TrainResult(params, hist[r, m], host.last[r, m], host.bad[r, m])
+    return out
+
+
+def train_plan(runs: Sequence[Run], *, source: str = "mc", devices=None, layout: str = "auto", chunk: int = 1000,
+               check: bool = True, on_progress: Optional[Callable] = None) -> list[TrainResult]:
+    """Train every run of the plan; results in the order of `runs` (host numpy arrays).
+
+    The groups' programs are compiled concurrently (one thread per core), then run in turn.
+
+    Args:
+      source: "mc" (minibatch training) or "exact" (population gradient flow, float64).
+      devices: None (every local device), an int (the first n local devices) or a device list.
+      layout: "auto", "runs" or "batch" (module docstring; ignored on one device).
+      chunk: steps per compiled call (progress reports come between calls).
+      check: raise TrainingDiverged for the first run whose loss or parameters went non-finite.
+      on_progress: called as on_progress(group, groups, steps_done, steps, seconds) after each chunk.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r} unknown; allowed: {list(SOURCES)}")
+    if len(runs) == 0:
+        raise ValueError("the plan has no runs")
+    for i, run in enumerate(runs):
+        _check_run(i, run, source)
+    devices = resolve_devices(devices)
+    groups = plan_groups(runs, source)
+    results: dict = {}
+    with _x64(source == "exact"):
+        preps = [_prepare(g, runs, source, devices, layout, chunk) for g in groups]
+        if len(preps) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(preps), os.cpu_count() or 1)) as pool:
+                compiled = list(pool.map(_compile, preps))
+        else:
+            compiled = [_compile(preps[0])]
+        for gi, (prep, exe) in enumerate(zip(preps, compiled)):
+            results.update(_execute(prep, exe, on_progress, (gi, len(groups))))
+    out = [results[i] for i in range(len(runs))]
     if check:
-        raise_if_diverged(res, lrs)
-    return res
+        raise_if_diverged(out, runs)
+    return out
 
 
-_CACHE: dict = {}
-
-
-def compiled(cfg: TrainConfig, batched: bool = False, params_batched: bool = False):
-    """jit (and vmap) of train_fn(cfg), cached per static configuration."""
-    key = (cfg, batched, params_batched)
-    if key not in _CACHE:
-        fn = train_fn(cfg)
-        if batched:
-            fn = jax.vmap(fn, in_axes=(0, 0 if params_batched else None, 0, None, None))
-        _CACHE[key] = jax.jit(fn)
-    return _CACHE[key]
-
-
-def raise_if_diverged(res: TrainResult, lrs) -> None:
-    """Raise TrainingDiverged for the first run whose loss went non-finite."""
-    bad = np.atleast_1d(np.asarray(res.diverged_at))
-    lrs = np.broadcast_to(np.atleast_1d(np.asarray(lrs, dtype=np.float64)), bad.shape)
-    hit = np.flatnonzero(bad >= 0)
-    if hit.size:
-        i = int(hit[0])
-        raise TrainingDiverged(int(bad[i]), float(lrs[i]), run=i if bad.size > 1 else None)
+def raise_if_diverged(results: Sequence[TrainResult], runs: Sequence[Run]) -> None:
+    """Raise TrainingDiverged for the first run whose loss went non-finite (step, lr, run name)."""
+    for i, (res, run) in enumerate(zip(results, runs)):
+        if int(res.diverged_at) >= 0:
+            name = run.name or (i if len(runs) > 1 else None)
+            raise TrainingDiverged(int(res.diverged_at), float(run.lr), run=name)

@@ -1,17 +1,24 @@
 """The forgetting study: pretrain, fine-tune with every method, evaluate against exact theory.
 
-    python -m sims.forgetting --quick            # ~3 min on 2 CPU cores
+    python -m sims.forgetting --quick            # the README's main job (< 1 min on 2 CPU cores)
     python -m sims.forgetting --full             # reference protocol (SPEC section 3), 5 seeds
     python -m sims.forgetting --full --batch 2000 --out runs/mine   # any field can be overridden
     python -m sims.plot DIR                      # redraw the figures from DIR/results.*
 
-Shape notation: S training seeds, T = 3 test tasks (theta0, -theta0, random), N shot counts
+Shape notation: S training seeds, T = 3 test tasks (linattn.evaluate.TEST_TASKS), N shot counts
 (0..max_shots), W auxiliary weights, G weights of the theory frontier, D = d + 2.
 
-Every piece of work (the pretraining of each model, each fine-tuning method, each sweep, the
-theory families) is saved to DIR/pieces/NAME.npz as soon as it is done; a rerun on the same folder
-loads finished pieces and computes only the missing ones. Seeds are vmapped (linattn.train).
-Randomness: one root seed; every key is fold_in(root, purpose)[, seed].
+The study is one plan per stage on the training engine (linattn.train.train_plan):
+  A. pretraining: merged and separate models at d (S seeds, sharing each seed's minibatches) and
+     the merged model at every d in pretrain_ds;
+  B. every fine-tuning method, the auxiliary-weight sweeps and zs_l2 (pulled toward each seed's own
+     pretrained weights), fused on each seed's minibatches;
+  C. the theory: population gradient flow (theory.solver.flow_plan) of every method and seed, and
+     the frontier over auxiliary weights, in one exact plan.
+Each piece (DIR/pieces/NAME.npz) is saved as soon as it is evaluated, and the trained parameters of
+a stage are saved as soon as the stage's plan returns; a rerun on the same folder loads finished
+pieces and trains only what is missing. Randomness: one root seed; every key is
+fold_in(root, purpose)[, seed].
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,30 +38,32 @@ import numpy as np
 
 from linattn import data as D
 from linattn import train as T
-from linattn.evaluate import test_errors
+from linattn.evaluate import TEST_TASKS, seed_stats, test_errors
 from linattn.objectives import ObjectiveConfig
-from linattn.params import init_params, params_to_json
-from sims import flow as F
+from linattn.params import gamma_w, init_params, params_to_json, to_merged
+from linattn.records import versions
+from theory.risk import task_curves
+from theory.solver import flow_plan
 
-TASKS = F.TASKS
+TASKS = tuple(TEST_TASKS)
 
 
 # ---------------------------------------------------------------- configuration
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    """One sweep. Defaults are the reference protocol (SPEC sections 1-3)."""
+    """One study. Defaults are the reference protocol (SPEC sections 1-3).
+
+    `train` is the pretraining TrainConfig (steps, batch, d, noise); fine-tuning uses it with
+    ft_steps steps. `objective` holds m, n_ft, the schedule and the zs_l2 strength.
+    """
 
     preset: str = "full"  # name used in the default run folder
     seed: int = 0  # root seed: every PRNG key is folded from it
-    d: int = 5  # covariate dimension
-    noise: float = 0.1  # label-noise variance sigma^2
-    m: int = 20  # demonstrations per pretraining prompt
-    n_ft: int = 20  # demonstrations in the FS (and replay) term
-    steps: int = 5000  # pretraining steps
+    train: T.TrainConfig = T.TrainConfig(steps=5000, batch=5000, d=5, noise=0.1)
+    objective: ObjectiveConfig = ObjectiveConfig(m=20, n_ft=20, l2=0.1)
     ft_steps: int = 5000  # steps of each fine-tuning method
-    batch: int = 5000  # prompts per risk evaluation
     lr: float = 0.01  # SGD (momentum 0.9, clip 1.0) learning rate, pretraining and fine-tuning
-    seeds: int = 5  # training seeds (vmapped)
+    seeds: int = 5  # training seeds
     dataset: int = 100_000  # size of the fine-tuning dataset drawn from theta0
     max_shots: int = 40  # test curves at n = 0..max_shots
     eval_samples: int = 20_000  # test prompts per seed, task and shot count
@@ -69,19 +77,51 @@ class StudyConfig:
     d_seeds: int = 3  # seeds at those dimensions
     methods: tuple = ()  # fine-tuning methods to run (names in METHODS); () for all
 
+    @property
+    def d(self) -> int:
+        return self.train.d
+
+    @property
+    def noise(self) -> float:
+        return self.train.noise
+
     def name(self) -> str:
-        return (f"forgetting_{self.preset}_d{self.d}_steps{self.steps}_ft{self.ft_steps}_b{self.batch}"
-                f"_nft{self.n_ft}_s{self.seeds}_seed{self.seed}")
+        t = self.train
+        return (f"forgetting_{self.preset}_d{t.d}_steps{t.steps}_ft{self.ft_steps}_b{t.batch}"
+                f"_nft{self.objective.n_ft}_s{self.seeds}_seed{self.seed}")
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return list(v) if isinstance(v, tuple) else v
+
+        return plain(dataclasses.asdict(self))
+
+
+# CLI flag -> (nested config, field) for the fields of the library configs a study overrides
+NESTED = {"steps": ("train", "steps"), "batch": ("train", "batch"), "d": ("train", "d"), "noise": ("train", "noise"),
+          "m": ("objective", "m"), "n_ft": ("objective", "n_ft"), "l2": ("objective", "l2")}
+
+
+def study_config(**fields) -> StudyConfig:
+    """StudyConfig from flat overrides: top-level fields and the NESTED names (steps, batch, d, ...)."""
+    base = StudyConfig(preset=fields.pop("preset", "full"))
+    nested = {"train": {}, "objective": {}}
+    for k in [k for k in fields if k in NESTED]:
+        group, f = NESTED[k]
+        nested[group][f] = fields.pop(k)
+    unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(StudyConfig)}]
+    if unknown:
+        raise ValueError(f"unknown study settings {unknown}")
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, **nested["train"]),
+                               objective=dataclasses.replace(base.objective, **nested["objective"]), **fields)
 
 
 PRESETS = {
     "full": StudyConfig(),
-    "quick": StudyConfig(preset="quick", steps=300, ft_steps=300, batch=500, seeds=2, eval_samples=2_000,
-                         eval_chunk=2_000, sweep_weights=(0.25, 4.0), frontier_weights=(0.03, 0.3, 1.0, 3.0, 30.0),
-                         pretrain_ds=(2, 10), d_steps=300, d_seeds=2),
+    "quick": study_config(preset="quick", steps=300, ft_steps=300, batch=500, seeds=2, eval_samples=2_000,
+                          eval_chunk=2_000, frontier_weights=(0.03, 0.3, 1.0, 3.0, 30.0), d_steps=300, d_seeds=2),
 }
 
 
@@ -99,6 +139,7 @@ def _methods() -> tuple[Method, ...]:
         out += [Method(f"zs_{sub}", "merged", "zs", sub, f"ZS ({lab})"),
                 Method(f"zsfs_{sub}", "merged", "zsfs", sub, f"ZS+FS ({lab})")]
     out.append(Method("zs_replay_all", "merged", "zs_replay", "all", "ZS+replay (all)"))
+    out.append(Method("zs_l2_all", "merged", "zs_l2", "all", "ZS+L2 to pretrained (all)"))
     for sub, lab in (("all", "all"), ("k", "K"), ("q", "Q"), ("v", "V")):
         out += [Method(f"sep_zs_{sub}", "separate", "zs", sub, f"ZS ({lab})"),
                 Method(f"sep_zsfs_{sub}", "separate", "zsfs", sub, f"ZS+FS ({lab})")]
@@ -123,10 +164,6 @@ def key_for(cfg: StudyConfig, purpose: str, *more: int):
     for i in more:
         k = jax.random.fold_in(k, i)
     return k
-
-
-def seed_keys(cfg, purpose, n, *more):
-    return jnp.stack([key_for(cfg, purpose, *more, s) for s in range(n)])
 
 
 def log(msg: str) -> None:
@@ -165,11 +202,63 @@ def pack(prefix: str, tree: dict) -> dict:
 
 
 def unpack(prefix: str, arrays: dict) -> dict:
-    return {k[len(prefix):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def seed_slice(tree: dict, i) -> dict:
-    return {k: v[i] for k, v in tree.items()}
+def planned(store: Store, tag: str, runs: list, train) -> list:
+    """train(runs), or the results a killed earlier attempt saved for the very same runs.
+
+    The results of a whole plan are kept in DIR/pieces/.plan_TAG.npz until the pieces built from
+    them are saved, so a kill during evaluation does not lose the training.
+    """
+    import hashlib
+
+    digest = hashlib.sha1("|".join(r.name for r in runs).encode()).hexdigest()[:12]
+    name = f".plan_{tag}_{digest}"
+    if store.has(name):
+        z = store.load(name)
+        log(f"{tag}: loaded the trained runs of an interrupted attempt")
+        return [T.TrainResult({k[len(f"{i}/p/"):]: z[k] for k in z if k.startswith(f"{i}/p/")}, z[f"{i}/history"],
+                              z[f"{i}/final_loss"], z[f"{i}/diverged_at"]) for i in range(len(runs))]
+    res = train(runs)
+    arrays = {}
+    for i, r in enumerate(res):
+        arrays.update({f"{i}/p/{k}": v for k, v in r.params.items()})
+        arrays.update({f"{i}/history": r.history, f"{i}/final_loss": r.final_loss, f"{i}/diverged_at": r.diverged_at})
+    store.save(name, arrays)
+    return res
+
+
+def stack(trees: list) -> dict:
+    return {k: np.stack([np.asarray(t[k]) for t in trees]) for k in trees[0]}
+
+
+class Progress:
+    """Logs each stage's progress with the time left in the stage and overall (training steps)."""
+
+    def __init__(self, total_units: float):
+        self.total, self.done, self.t0 = max(total_units, 1.0), 0.0, time.time()
+        self.last = 0.0
+
+    def stage(self, name: str, units_per_step: dict):
+        """A callback for train_plan: units_per_step maps group index -> work per step."""
+        start = self.done
+
+        def report(group, groups, steps_done, steps, seconds):
+            self.done = start + sum(units_per_step[g] * (steps if g < group else 0) for g in units_per_step) \
+                + units_per_step[group] * steps_done
+            now = time.time()
+            if now - self.last < 5 and steps_done < steps:
+                return
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            frac = steps_done / steps
+            piece_left = seconds * (1 - frac) / frac if frac > 0 else float("nan")
+            log(f"{name}: program {group + 1}/{groups}, step {steps_done}/{steps}; "
+                f"~{piece_left:.0f} s left in it, ~{left:.0f} s of training left overall")
+
+        return report
 
 
 # ---------------------------------------------------------------- the work
@@ -181,109 +270,176 @@ def theta0_of(cfg) -> np.ndarray:
     return np.asarray(D.sample_tasks(key_for(cfg, "theta0"), 1, cfg.d, "sphere")[0], np.float64)
 
 
-def evaluate_seeds(cfg, params: dict, theta0) -> tuple[np.ndarray, np.ndarray]:
-    """Monte Carlo test error of each seed's parameters: mean, se of shape (S, T, N).
-
-    Seed s uses the key fold_in(eval, s) for every method (common random numbers across methods).
-    """
-    S = params["V"].shape[0]
-    means, ses = np.zeros((S, 3, cfg.max_shots + 1)), np.zeros((S, 3, cfg.max_shots + 1))
-    for s in range(S):
-        curves = test_errors(key_for(cfg, "eval", s), seed_slice(params, s), shots_of(cfg), jnp.asarray(theta0, jnp.float32),
-                             noise=cfg.noise, samples=cfg.eval_samples, chunk=cfg.eval_chunk)
-        for t, name in enumerate(TASKS):
-            means[s, t], ses[s, t] = curves[name].mean, curves[name].se
-    return means, ses
-
-
-def train_cfg(cfg, objective, subset, steps, d=None) -> T.TrainConfig:
-    return T.TrainConfig(objective=objective, subset=subset, steps=steps, batch=cfg.batch, d=d or cfg.d,
-                         noise=cfg.noise, history=min(100, steps))
-
-
-def obj_cfg(cfg, aux=1.0) -> ObjectiveConfig:
-    return ObjectiveConfig(m=cfg.m, n_ft=cfg.n_ft, aux_weight=aux)
-
-
-def run_pretrain(cfg, model: str, theta0) -> dict:
-    """Pretraining of the merged or separate model for every seed, then evaluation."""
-    S = cfg.seeds
-    purpose = "init" if model == "merged" else "init_sep"
-    p0 = jax.vmap(lambda k: init_params(k, cfg.d, merged=model == "merged"))(seed_keys(cfg, purpose, S))
-    ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32))
-    tc = train_cfg(cfg, "pretrain", "all", cfg.steps)
-    res = T.train_many(seed_keys(cfg, "pretrain", S, int(model == "separate")), p0, cfg.lr, ctx, obj_cfg(cfg),
-                       cfg=tc, params_batched=True)
-    params = {k: np.asarray(v) for k, v in res.params.items()}
-    mean, se = evaluate_seeds(cfg, params, theta0)
-    theory = F.exact_curves(params, theta0, shots_of(cfg), noise=cfg.noise)
-    from theory.optimal import pretrain_optimum
-
-    opt = F.exact_curves({k: v[None] for k, v in pretrain_optimum(cfg.d, cfg.m, cfg.noise).items()}, theta0,
-                         shots_of(cfg), noise=cfg.noise)[0]
-    return {**pack("p_", params), "history": np.asarray(res.history), "sim_mean": mean, "sim_se": se,
-            "theory": theory, "theory_optimum": np.broadcast_to(opt, theory.shape)}
-
-
 def finetune_data(cfg, theta0):
     return D.make_finetune_dataset(key_for(cfg, "dataset"), jnp.asarray(theta0, jnp.float32), cfg.dataset, cfg.noise)
 
 
-def run_method(cfg, method: Method, pre_params: dict, theta0, data, aux=1.0, seeds=None) -> dict:
-    """One fine-tuning method from each seed's pretrained parameters, then evaluation and theory."""
-    S = seeds or cfg.seeds
-    p0 = {k: jnp.asarray(v[:S]) for k, v in pre_params.items()}
-    ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=data)
-    tc = train_cfg(cfg, method.objective, method.subset, cfg.ft_steps)
-    keys = seed_keys(cfg, "finetune", S, int(method.model == "separate"))
-    res = T.train_many(keys, p0, cfg.lr, ctx, obj_cfg(cfg, aux), cfg=tc, params_batched=True)
-    params = {k: np.asarray(v) for k, v in res.params.items()}
-    mean, se = evaluate_seeds(cfg, params, theta0)
-    theory = F.exact_curves(params, theta0, shots_of(cfg), noise=cfg.noise)
-    flow = F.flow_many(method.objective, method.subset, p0, theta0, np.full(S, aux), steps=cfg.ft_steps, lr=cfg.lr,
-                       m=cfg.m, n_ft=cfg.n_ft, noise=cfg.noise)
-    flow_theory = F.exact_curves(flow, theta0, shots_of(cfg), noise=cfg.noise)
-    return {**pack("p_", params), **pack("flow_", flow), "history": np.asarray(res.history), "sim_mean": mean,
-            "sim_se": se, "theory": theory, "theory_optimum": flow_theory}
+def evaluate_models(cfg, models: dict, theta0) -> dict:
+    """Monte Carlo curves of many models: {name: (mean, se)} of shape (S_name, T, N).
 
-
-def run_sweep(cfg, method: Method, pre_params: dict, theta0, data) -> dict:
-    """The method at each extra auxiliary weight (sweep_seeds seeds), plus the theory frontier:
-    gradient flow from seed 0's pretrained parameters at every frontier weight."""
-    out = {"weights": np.asarray(cfg.sweep_weights, np.float64)}
-    parts = [run_method(cfg, method, pre_params, theta0, data, aux=w, seeds=cfg.sweep_seeds) for w in cfg.sweep_weights]
-    for key in ("sim_mean", "sim_se", "theory", "theory_optimum"):
-        out[key] = np.stack([p[key] for p in parts])  # (W, S', T, N)
-    G = len(cfg.frontier_weights)
-    p0 = {k: np.repeat(np.asarray(v[:1]), G, axis=0) for k, v in pre_params.items()}
-    fl = F.flow_many(method.objective, method.subset, p0, theta0, np.asarray(cfg.frontier_weights), steps=cfg.ft_steps,
-                     lr=cfg.lr, m=cfg.m, n_ft=cfg.n_ft, noise=cfg.noise)
-    out["frontier_weights"] = np.asarray(cfg.frontier_weights, np.float64)
-    out["frontier_theory"] = F.exact_curves(fl, theta0, shots_of(cfg), noise=cfg.noise)  # (G, T, N)
+    models maps a name to a stacked tree with a leading seed axis (merged or separate; any d).
+    Every model of seed s is evaluated on the same prompts (key fold_in(eval, s)), all in one
+    program per seed and d: the trees are put in merged form (the prediction reads only QᵀK and
+    V) and stacked, padded to one width so each d compiles once.
+    """
+    by_d: dict = {}
+    for name, tree in models.items():
+        merged = jax.vmap(to_merged)({k: jnp.asarray(v) for k, v in tree.items()})
+        by_d.setdefault(int(merged["V"].shape[-1]) - 2, []).append((name, merged))
+    out = {}
+    for d, items in by_d.items():
+        seeds = max(t["V"].shape[0] for _, t in items)
+        rows = [[(name, t) for name, t in items if t["V"].shape[0] > s] for s in range(seeds)]
+        width = max(len(r) for r in rows)
+        res = {name: (np.zeros((t["V"].shape[0], 3, cfg.max_shots + 1)), np.zeros((t["V"].shape[0], 3, cfg.max_shots + 1)))
+               for name, t in items}
+        for s, row in enumerate(rows):
+            trees = [t for _, t in row] + [row[0][1]] * (width - len(row))
+            stacked = {k: jnp.stack([t[k][s if i < len(row) else 0] for i, t in enumerate(trees)]).astype(jnp.float32)
+                       for k in ("KQ", "V")}
+            key = key_for(cfg, "eval", s) if d == cfg.d else key_for(cfg, "eval", 1000 + d, s)
+            th = jnp.asarray(theta0 if d == cfg.d else np.zeros(d), jnp.float32)
+            curves = test_errors(key, stacked, shots_of(cfg), th, noise=cfg.noise, samples=cfg.eval_samples,
+                                 chunk=cfg.eval_chunk)
+            for t, task in enumerate(TASKS):
+                for i, (name, _) in enumerate(row):
+                    res[name][0][s, t], res[name][1][s, t] = curves[task].mean[i], curves[task].se[i]
+        out.update(res)
     return out
 
 
-def run_pretrain_d(cfg, d: int) -> dict:
-    """Pretraining of the merged model at another dimension; evaluation on random tasks only."""
-    S = cfg.d_seeds
-    sub = dataclasses.replace(cfg, d=d)
-    p0 = jax.vmap(lambda k: init_params(k, d))(seed_keys(sub, "init", S, 1000 + d))
-    ctx = T.TaskContext(theta0=jnp.zeros(d))
-    res = T.train_many(seed_keys(sub, "pretrain", S, 1000 + d), p0, cfg.lr, ctx, obj_cfg(cfg),
-                       cfg=train_cfg(cfg, "pretrain", "all", cfg.d_steps, d=d), params_batched=True)
-    params = {k: np.asarray(v) for k, v in res.params.items()}
-    mean, se = np.zeros((S, cfg.max_shots + 1)), np.zeros((S, cfg.max_shots + 1))
-    from linattn.evaluate import test_error
+def theory_models(cfg, models: dict, theta0) -> dict:
+    """Exact curves (theory.risk.task_curves) of many d-dimensional models: {name: (S_name, T, N)},
+    one compiled program for all (merged form, concatenated)."""
+    names = list(models)
+    with jax.enable_x64(True):
+        merged = [jax.vmap(to_merged)({k: jnp.asarray(v, jnp.float64) for k, v in models[n].items()}) for n in names]
+    sizes = np.cumsum([0] + [m["V"].shape[0] for m in merged])
+    allp = {k: np.concatenate([np.asarray(m[k]) for m in merged]) for k in ("KQ", "V")}
+    curves = task_curves(allp, theta0, shots_of(cfg), cfg.noise)
+    return {n: curves[sizes[i]:sizes[i + 1]] for i, n in enumerate(names)}
+
+
+def obj_cfg(cfg, aux=1.0, ref_params=None) -> ObjectiveConfig:
+    return dataclasses.replace(cfg.objective, aux_weight=aux, ref_params=ref_params)
+
+
+def ft_config(cfg) -> T.TrainConfig:
+    return dataclasses.replace(cfg.train, steps=cfg.ft_steps, history=min(100, cfg.ft_steps))
+
+
+# ---- stage A: pretraining
+def pretrain_runs(cfg, pieces: list[str]) -> list[T.Run]:
+    """Runs of the missing pretraining pieces ("pretrain_merged", "pretrain_separate", "pretrain_dD")."""
+    runs = []
+    ctx = T.TaskContext(theta0=jnp.zeros(cfg.d))
+    tc = dataclasses.replace(cfg.train, history=min(100, cfg.train.steps))
+    for piece in pieces:
+        if piece.startswith("pretrain_d"):
+            d = int(piece[len("pretrain_d"):])
+            tcd = dataclasses.replace(tc, d=d, steps=cfg.d_steps, history=min(100, cfg.d_steps))
+            ctxd = T.TaskContext(theta0=jnp.zeros(d))
+            for s in range(cfg.d_seeds):
+                p0 = init_params(key_for(cfg, "init", 1000 + d, s), d)
+                runs.append(T.Run(key_for(cfg, "pretrain", 1000 + d, s), p0, ctxd, lr=cfg.lr, obj=obj_cfg(cfg),
+                                  cfg=tcd, name=f"{piece}[{s}]"))
+        else:
+            merged = piece == "pretrain_merged"
+            for s in range(cfg.seeds):
+                p0 = init_params(key_for(cfg, "init" if merged else "init_sep", s), cfg.d, merged=merged)
+                runs.append(T.Run(key_for(cfg, "pretrain", s), p0, ctx, lr=cfg.lr, obj=obj_cfg(cfg), cfg=tc,
+                                  name=f"{piece}[{s}]"))
+    return runs
+
+
+def pretrain_pieces(cfg, pieces: list[str], runs: list, results: list, theta0) -> dict:
+    """Evaluation and theory of the pretraining pieces: {piece: arrays}."""
     from theory.optimal import pretrain_optimum
 
-    for s in range(S):
-        c = test_error(key_for(sub, "eval", 1000 + d, s), seed_slice(params, s), shots_of(cfg), "sphere",
-                       noise=cfg.noise, samples=cfg.eval_samples, chunk=cfg.eval_chunk)
-        mean[s], se[s] = c.mean, c.se
-    opt = F.exact_random({k: v[None] for k, v in pretrain_optimum(d, cfg.m, cfg.noise).items()}, shots_of(cfg),
-                         noise=cfg.noise)[0]
-    return {**pack("p_", params), "sim_mean": mean, "sim_se": se,
-            "theory": F.exact_random(params, shots_of(cfg), noise=cfg.noise), "theory_optimum": opt}
+    params = {p: stack([r.params for r, run in zip(results, runs) if run.name.startswith(p + "[")]) for p in pieces}
+    history = {p: np.stack([r.history for r, run in zip(results, runs) if run.name.startswith(p + "[")]) for p in pieces}
+    sims = evaluate_models(cfg, params, theta0)
+    main = [p for p in pieces if not p.startswith("pretrain_d")]
+    theory = theory_models(cfg, {p: params[p] for p in main}, theta0) if main else {}
+    out = {}
+    for p in pieces:
+        mean, se = sims[p]
+        if p.startswith("pretrain_d"):
+            d = int(p[len("pretrain_d"):])
+            rand = lambda tree: task_curves(tree, None, shots_of(cfg), cfg.noise, tasks=("random",))[:, 0]
+            th, opt = rand(params[p]), rand(stack([pretrain_optimum(d, cfg.objective.m, cfg.noise)]))[0]
+            mean, se = mean[:, TASKS.index("random")], se[:, TASKS.index("random")]
+        else:
+            th = theory[p]
+            opt = task_curves(stack([pretrain_optimum(cfg.d, cfg.objective.m, cfg.noise)]), theta0, shots_of(cfg),
+                              cfg.noise)[0]
+            opt = np.broadcast_to(opt, th.shape)
+        out[p] = {**pack("p_", params[p]), "history": history[p], "sim_mean": mean, "sim_se": se, "theory": th,
+                  "theory_optimum": opt}
+    return out
+
+
+# ---- stages B and C: fine-tuning and its theory
+class Cell(NamedTuple):
+    """One fine-tuning run of the study: piece, method, seed, auxiliary weight."""
+
+    piece: str
+    method: Method
+    seed: int
+    aux: float
+
+
+def finetune_cells(cfg, pieces: list[str]) -> list[Cell]:
+    cells = []
+    for piece in pieces:
+        if piece.startswith("sweep_"):
+            m = METHOD_BY_NAME[piece[len("sweep_"):]]
+            cells += [Cell(piece, m, s, float(w)) for w in cfg.sweep_weights for s in range(cfg.sweep_seeds)]
+        else:
+            cells += [Cell(piece, METHOD_BY_NAME[piece], s, 1.0) for s in range(cfg.seeds)]
+    return cells
+
+
+def finetune_run(cfg, cell: Cell, pre: dict, ctx, aux=None, key=True) -> T.Run:
+    p0 = {k: v[cell.seed] for k, v in pre[cell.method.model].items()}
+    ref = p0 if cell.method.objective == "zs_l2" else None
+    return T.Run(key_for(cfg, "finetune", cell.seed) if key else None, p0, ctx, cell.method.objective,
+                 cell.method.subset, cfg.lr, obj_cfg(cfg, cell.aux if aux is None else aux, ref), ft_config(cfg),
+                 name=f"{cell.piece}[seed {cell.seed}, aux {cell.aux if aux is None else aux:g}]")
+
+
+def frontier_runs(cfg, pieces, pre, ctx) -> list[T.Run]:
+    """Gradient flow from seed 0's pretrained parameters at every frontier weight, per sweep piece."""
+    return [finetune_run(cfg, Cell(p, METHOD_BY_NAME[p[len("sweep_"):]], 0, 1.0), pre, ctx, aux=float(w), key=False)
+            for p in pieces if p.startswith("sweep_") for w in cfg.frontier_weights]
+
+
+def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0) -> dict:
+    """Evaluation and theory of the method and sweep pieces: {piece: arrays}.
+
+    trained / flows: results per cell; front: (run, result) of the frontier flows. A sweep piece's
+    arrays have shape (W, S', T, N).
+    """
+    idx = {p: [i for i, c in enumerate(cells) if c.piece == p] for p in pieces}
+    params = {p: stack([trained[i].params for i in idx[p]]) for p in pieces}
+    flow = {p: stack([flows[i].params for i in idx[p]]) for p in pieces}
+    sims = evaluate_models(cfg, params, theta0)
+    theory = theory_models(cfg, {**params, **{f"flow/{p}": f for p, f in flow.items()}}, theta0)
+    out = {}
+    for p in pieces:
+        (mean, se), th, fl = sims[p], theory[p], theory[f"flow/{p}"]
+        if not p.startswith("sweep_"):
+            out[p] = {**pack("p_", params[p]), **pack("flow_", flow[p]),
+                      "history": np.stack([trained[i].history for i in idx[p]]),
+                      "sim_mean": mean, "sim_se": se, "theory": th, "theory_optimum": fl}
+            continue
+        shape = (len(cfg.sweep_weights), cfg.sweep_seeds) + th.shape[1:]
+        fr = stack([res.params for run, res in front if run.name.startswith(p + "[")])
+        out[p] = {"weights": np.asarray(cfg.sweep_weights, np.float64), "sim_mean": mean.reshape(shape),
+                  "sim_se": se.reshape(shape), "theory": th.reshape(shape), "theory_optimum": fl.reshape(shape),
+                  "frontier_weights": np.asarray(cfg.frontier_weights, np.float64),
+                  "frontier_theory": theory_models(cfg, {"f": fr}, theta0)["f"]}
+    return out
 
 
 def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0) -> dict:
@@ -296,26 +452,22 @@ def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0
     from theory.optimal import w_star, zs_all_member, zs_v_closed_form
 
     shots = shots_of(cfg)
-    pre0 = seed_slice(pre_params, 0)
-    fl0 = seed_slice(zs_flow, 0)
-    w_flow = 1.0 / float(np.asarray(fl0["KQ"])[0, 0, 0, 0])
+    pre0 = {k: v[0] for k, v in pre_params.items()}
+    w_flow = 1.0 / float(np.asarray(zs_flow["KQ"])[0, 0, 0, 0, 0])
     zs_ws = w_flow * np.asarray([0.25, 0.5, 1.0, 2.0, 4.0])
-    members = [zs_all_member(pre0, theta0, 1.0 / w) for w in zs_ws]
-    zs_curves = F.exact_curves({k: np.stack([np.asarray(p[k]) for p in members]) for k in members[0]}, theta0, shots,
-                               noise=cfg.noise)
-    omegas = np.asarray([0.0, 0.3, 0.5, w_star(cfg.d, cfg.n_ft, cfg.noise), 0.79245, 1.0])
-    vs = [zs_v_closed_form(cfg.d, 1.0, om, theta0) for om in omegas]
-    v_curves = F.exact_curves({k: np.stack([np.asarray(p[k]) for p in vs]) for k in vs[0]}, theta0, shots,
-                              noise=cfg.noise)
+    zs_curves = task_curves(stack([zs_all_member(pre0, theta0, 1.0 / w) for w in zs_ws]), theta0, shots, cfg.noise)
+    n_ft = cfg.objective.n_ft
+    omegas = np.asarray([0.0, 0.3, 0.5, w_star(cfg.d, n_ft, cfg.noise), 0.79245, 1.0])
+    v_curves = task_curves(stack([zs_v_closed_form(cfg.d, 1.0, om, theta0) for om in omegas]), theta0, shots, cfg.noise)
     n_grid = np.arange(1, cfg.max_shots + 1)
-    g, w = F.gamma_w(zsfs_v_flow)
+    g, w = gamma_w(zsfs_v_flow)
     return {"zs_w": zs_ws, "zs_w_flow": np.asarray(w_flow), "zs_curves": zs_curves,
             "v_omega": omegas, "v_curves": v_curves, "wstar_n": n_grid,
             "wstar": np.asarray([w_star(cfg.d, int(n), cfg.noise) for n in n_grid]),
             "zsfs_v_flow_omega": g * w}
 
 
-# ---------------------------------------------------------------- the sweep driver
+# ---------------------------------------------------------------- the study driver
 def selected_methods(cfg: StudyConfig) -> tuple[Method, ...]:
     """The methods a config runs: cfg.methods (plus what the sweeps and theory families need), or all."""
     if not cfg.methods:
@@ -327,73 +479,91 @@ def selected_methods(cfg: StudyConfig) -> tuple[Method, ...]:
     return tuple(m for m in METHODS if m.name in wanted)
 
 
-def versions() -> dict:
-    import optax
-
-    import linattn
-
-    dev = jax.devices()[0]
-    return {"jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__,
-            "linattn": linattn.__version__, "python": platform.python_version(),
-            "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}, {os.cpu_count()} cores"}
-
-
 def check_config(out: Path, cfg: StudyConfig) -> None:
     path = out / "config.json"
     if path.exists():
         old = json.loads(path.read_text()).get("config", {})
         new = cfg.to_json()
-        default = StudyConfig(preset=cfg.preset).to_json()
-        diff = [k for k in new if (old[k] if k in old else default[k]) != new[k]]
+        diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             raise ValueError(f"{out} holds a run with a different config ({', '.join(diff)} differ); "
                              "choose another --out or delete the folder")
     path.write_text(json.dumps({"config": cfg.to_json(), "root_seed": cfg.seed, "versions": versions()}, indent=1))
 
 
-def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: bool = True) -> dict:
+def piece_names(cfg) -> tuple[list, list]:
+    pre = ["pretrain_merged", "pretrain_separate"] + [f"pretrain_d{d}" for d in cfg.pretrain_ds]
+    ft = [m.name for m in selected_methods(cfg)] + [f"sweep_{n}" for n in cfg.sweep_methods]
+    return pre, ft
+
+
+def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: bool = True, devices=None) -> dict:
     """Run (or resume) the whole study into `out`; returns the results dictionary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, cfg)
     store = Store(out)
     theta0 = theta0_of(cfg)
-    todo = (["pretrain_merged", "pretrain_separate"] + [m.name for m in selected_methods(cfg)]
-            + [f"sweep_{n}" for n in cfg.sweep_methods] + [f"pretrain_d{d}" for d in cfg.pretrain_ds] + ["families"])
-    done_now, t_start = 0, time.time()
-    cache: dict = {}
-    data = None
+    pre_names, ft_names = piece_names(cfg)
+    new = {"count": 0}
+    t_start = time.time()
 
-    def get(name):
-        if name not in cache:
-            cache[name] = store.load(name)
-        return cache[name]
-
-    for i, name in enumerate(todo):
-        if store.has(name):
-            log(f"[{i + 1}/{len(todo)}] {name}: already done, loaded")
-            continue
-        if stop_after is not None and done_now >= stop_after:
-            raise StopRequested(f"stopped after {done_now} new pieces (--stop-after)")
-        t0 = time.time()
-        log(f"[{i + 1}/{len(todo)}] {name}: running ...")
-        if name.startswith("pretrain_d"):
-            arrays = run_pretrain_d(cfg, int(name[len("pretrain_d"):]))
-        elif name.startswith("pretrain_"):
-            arrays = run_pretrain(cfg, name[len("pretrain_"):], theta0)
-        elif name == "families":
-            arrays = run_families(cfg, unpack("p_", get("pretrain_merged")), unpack("flow_", get("zs_all")),
-                                  unpack("flow_", get("zsfs_v")), theta0)
-        else:
-            data = data if data is not None else finetune_data(cfg, theta0)
-            method = METHOD_BY_NAME[name[len("sweep_"):] if name.startswith("sweep_") else name]
-            pre = unpack("p_", get(f"pretrain_{method.model}"))
-            arrays = (run_sweep if name.startswith("sweep_") else run_method)(cfg, method, pre, theta0, data)
+    def save(name, arrays, t0):
+        if stop_after is not None and new["count"] >= stop_after:
+            raise StopRequested(f"stopped after {new['count']} new pieces (--stop-after)")
         arrays["seconds"] = np.asarray(time.time() - t0)
         store.save(name, arrays)
-        cache[name] = arrays
-        done_now += 1
-        log(f"[{i + 1}/{len(todo)}] {name}: done in {time.time() - t0:.1f} s (total {time.time() - t_start:.0f} s)")
+        new["count"] += 1
+        log(f"{name}: saved ({time.time() - t_start:.0f} s since start)")
+
+    todo_pre = [p for p in pre_names if not store.has(p)]
+    todo_ft = [p for p in ft_names if not store.has(p)]
+    cells = finetune_cells(cfg, todo_ft)
+    pre_runs = pretrain_runs(cfg, todo_pre)
+    progress = Progress(sum(r.cfg.steps for r in pre_runs) + len(cells) * cfg.ft_steps)
+    for p in pre_names:
+        if p not in todo_pre:
+            log(f"{p}: already done, loaded")
+
+    # A. pretraining
+    if todo_pre:
+        t0 = time.time()
+        log(f"stage A: pretraining {len(pre_runs)} runs ({', '.join(todo_pre)})")
+        res = planned(store, "A", pre_runs, lambda r: T.train_plan(
+            r, devices=devices, on_progress=progress.stage("stage A", _units(r))))
+        log(f"stage A: trained in {time.time() - t0:.0f} s; evaluating")
+        for p, arrays in pretrain_pieces(cfg, todo_pre, pre_runs, res, theta0).items():
+            save(p, arrays, t0)
+    pre = {model: unpack("p_", store.load(f"pretrain_{model}")) for model in ("merged", "separate")}
+
+    # B and C. fine-tuning, its gradient-flow theory, evaluation
+    for p in ft_names:
+        if p not in todo_ft:
+            log(f"{p}: already done, loaded")
+    if todo_ft:
+        t0 = time.time()
+        ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=finetune_data(cfg, theta0))
+        runs = [finetune_run(cfg, c, pre, ctx) for c in cells]
+        log(f"stage B: fine-tuning {len(runs)} runs ({len(todo_ft)} pieces) in one plan")
+        trained = planned(store, "B", runs, lambda r: T.train_plan(
+            r, devices=devices, on_progress=progress.stage("stage B", _units(r))))
+        t1 = time.time()
+        ectx = T.TaskContext(theta0=np.asarray(theta0))
+        flow_runs = [finetune_run(cfg, c, pre, ectx, key=False) for c in cells] + frontier_runs(cfg, todo_ft, pre, ectx)
+        flows = planned(store, "C", flow_runs, lambda r: flow_plan(r, devices=devices))
+        log(f"stage C: {len(flow_runs)} gradient flows in {time.time() - t1:.0f} s")
+        front = list(zip(flow_runs[len(cells):], flows[len(cells):]))
+        t2 = time.time()
+        pieces = finetune_pieces(cfg, todo_ft, cells, trained, flows, front, theta0)
+        log(f"evaluation and exact curves of {len(todo_ft)} pieces in {time.time() - t2:.0f} s")
+        for p, arrays in pieces.items():
+            save(p, arrays, t0)
+    if not store.has("families"):
+        t0 = time.time()
+        save("families", run_families(cfg, pre["merged"], unpack("flow_", store.load("zs_all")),
+                                      unpack("flow_", store.load("zsfs_v")), theta0), t0)
+    for f in store.dir.glob(".plan_*.npz"):  # every piece built from them is saved
+        f.unlink()
     results = assemble(cfg, out, store, theta0)
     if figures:
         from sims import plot
@@ -402,20 +572,16 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     return results
 
 
+def _units(runs) -> dict:
+    """Work per step of each group of a plan, in runs (matches linattn.train.plan_groups order)."""
+    order: dict = {}
+    for r in runs:
+        order.setdefault((r.cfg, id(r.ctx)), 0)
+        order[(r.cfg, id(r.ctx))] += 1
+    return dict(enumerate(order.values()))
+
+
 # ---------------------------------------------------------------- results
-def seed_stats(sim_mean, sim_se, theory):
-    """Seed average and its standard errors (arrays (S, ..., N)).
-
-    sim_se combines the Monte Carlo error, sqrt(sum_s se_s^2)/S, with the seed-to-seed spread of
-    the trained models, estimated without Monte Carlo noise from the spread of their exact risks:
-    sim_se^2 = var_s(theory_s)/S + sum_s se_s^2 / S^2.
-    """
-    S = sim_mean.shape[0]
-    mc = np.sqrt(np.sum(sim_se**2, axis=0)) / S
-    seed = np.std(theory, axis=0, ddof=1) / np.sqrt(S) if S > 1 else np.zeros_like(mc)
-    return sim_mean.mean(0), np.sqrt(mc**2 + seed**2), mc, theory.mean(0), seed
-
-
 def curves_json(cfg, piece: dict, with_opt=True) -> dict:
     mean, se, mc, th, th_se = seed_stats(piece["sim_mean"], piece["sim_se"], piece["theory"])
     opt = piece["theory_optimum"].mean(0) if with_opt else None
@@ -449,7 +615,7 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
         piece = store.load(piece_name)
         params = unpack("p_", piece)
         methods[name] = {
-            "params": params_to_json(seed_slice(params, 0)),
+            "params": params_to_json({k: v[0] for k, v in params.items()}),
             "curves": curves_json(cfg, piece),
             "model": m.model if m else piece_name.split("_")[1],
             "objective": m.objective if m else "pretrain",
@@ -489,47 +655,52 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
 
 
 # ---------------------------------------------------------------- CLI
+FLAT = {**{f.name: f.default for f in dataclasses.fields(StudyConfig) if f.name not in ("preset", "train", "objective")},
+        **{k: getattr(getattr(StudyConfig(), g), f) for k, (g, f) in NESTED.items()}}
+
+
 def build_config(args) -> StudyConfig:
-    cfg = PRESETS["quick" if args.quick else "full"]
-    over = {}
-    for f in dataclasses.fields(StudyConfig):
-        v = getattr(args, f.name, None)
-        if v is None or f.name == "preset":
-            continue
-        over[f.name] = tuple(v) if isinstance(f.default, tuple) else v
-    return dataclasses.replace(cfg, **over)
+    """The preset (--quick or --full) with every flag given on the command line applied."""
+    base = PRESETS["quick" if args.quick else "full"]
+    given = {k: getattr(args, k, None) for k in FLAT}
+    over = {k: (tuple(v) if isinstance(FLAT[k], tuple) else v) for k, v in given.items() if v is not None}
+    nested = {"train": {}, "objective": {}}
+    for k in [k for k in over if k in NESTED]:
+        g, f = NESTED[k]
+        nested[g][f] = over.pop(k)
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, **nested["train"]),
+                               objective=dataclasses.replace(base.objective, **nested["objective"]), **over)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sims.forgetting", description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="small run, ~3 min on 2 CPU cores (default)")
+    g.add_argument("--quick", action="store_true", help="small run, under a minute on 2 CPU cores (default)")
     g.add_argument("--full", action="store_true", help="reference protocol: 5000 steps, batch 5000, 5 seeds")
     p.add_argument("--out", default=None, help="run folder (default runs/<name from hyperparameters>)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many new pieces (test resume)")
     p.add_argument("--no-figures", action="store_true", help="skip drawing (python -m sims.plot DIR draws later)")
-    for f in dataclasses.fields(StudyConfig):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, tuple):
-            typ = float if f.default and isinstance(f.default[0], float) else (int if f.default and isinstance(f.default[0], int) else str)
-            p.add_argument(flag, type=typ, nargs="*", default=None, help=f"override (default {f.default})")
+    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
+    for name, default in FLAT.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, tuple):
+            typ = float if default and isinstance(default[0], float) else (int if default and isinstance(default[0], int) else str)
+            p.add_argument(flag, type=typ, nargs="*", default=None, help=f"override (default {default})")
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"override (default {f.default})")
+            p.add_argument(flag, type=type(default), default=None, help=f"override (default {default})")
     args = p.parse_args(argv)
     if not args.full:
         args.quick = True
-    cfg = build_config(args)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name()
-    log(f"run folder {out}; config {json.dumps(cfg.to_json())}")
     t0 = time.time()
     try:
-        run_study(cfg, out, stop_after=args.stop_after, figures=not args.no_figures)
+        cfg = build_config(args)
+        out = Path(args.out) if args.out else Path("runs") / cfg.name()
+        log(f"run folder {out}; config {json.dumps(cfg.to_json())}")
+        run_study(cfg, out, stop_after=args.stop_after, figures=not args.no_figures, devices=args.devices)
     except StopRequested as err:
         log(str(err))
         return 3
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         print(f"python -m sims.forgetting: error: {err}", file=sys.stderr)
         return 2
     log(f"finished in {time.time() - t0:.0f} s; results in {out}/results.json, figures in {out}/")
@@ -537,5 +708,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    jax.config.update("jax_default_matmul_precision", "highest")
     sys.exit(main())

@@ -19,6 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from linattn.evaluate import seed_stats  # noqa: E402
+from linattn.params import effective_kq, gamma_w  # noqa: E402
+
 TASK_TITLES = {"theta0": r"fine-tuned task $\theta_0$", "minus_theta0": r"unseen task $-\theta_0$",
                "random": "random unseen tasks"}
 HUES = {"all": ("#b2182b", "#ef8a62"), "kq": ("#2166ac", "#67a9cf"), "k": ("#2166ac", "#67a9cf"),
@@ -89,20 +92,19 @@ def fig_pretrained_by_d(res, arr, out):
     shots = arr["shots"]
     for i, d in enumerate(ds):
         col = cmap(i / max(len(ds) - 1, 1) * 0.85)
-        if d == res["config"]["d"]:
+        if d == res["config"]["train"]["d"]:
             c = _curve(res, "pretrained", "random")
             th, opt, mean, se = c["theory"], c["theory_optimum"], c["sim_mean"], c["sim_se"]
         else:
             sm, ss, t = arr[f"pretrain_d{d}/sim_mean"], arr[f"pretrain_d{d}/sim_se"], arr[f"pretrain_d{d}/theory"]
-            S = sm.shape[0]
-            mean, th, opt = sm.mean(0), t.mean(0), arr[f"pretrain_d{d}/theory_optimum"]
-            se = np.sqrt(np.sum(ss**2, 0) / S**2 + (np.var(t, 0, ddof=1) / S if S > 1 else 0))
+            mean, se, _, th, _ = seed_stats(sm, ss, t)
+            opt = arr[f"pretrain_d{d}/theory_optimum"]
         ax.plot(shots, th, color=col, lw=1.5, label=f"d = {d}: theory (trained)")
         ax.plot(shots, opt, color=col, lw=1, ls=":", label=None)
         _errorbar(ax, shots, mean, se, {"color": col, "marker": "o", "ls": "-"})
     ax.plot([], [], color="gray", ls=":", label="theory (closed-form optimum)")
     ax.errorbar([], [], yerr=[], fmt="o", color="gray", label="simulation (mean ± SE)")
-    ax.axvline(res["config"]["m"], color="gray", lw=0.6, ls="--")
+    ax.axvline(res["config"]["objective"]["m"], color="gray", lw=0.6, ls="--")
     ax.set(xlabel="shots n", ylabel="test error (random tasks)", yscale="log",
            title="Pretrained model: ICL error vs shots")
     ax.legend(fontsize=7)
@@ -145,7 +147,7 @@ def fig_value_family(res, arr, out):
     axes[0].legend(fontsize=7)
     ax = axes[2]
     n, ws = arr["families/wstar_n"], arr["families/wstar"]
-    nft = res["config"]["n_ft"]
+    nft = res["config"]["objective"]["n_ft"]
     ax.plot(n, ws, color="#1b7837", lw=1.5, label=r"$w^*(n)$ (closed form)")
     ax.axvline(nft, color="gray", ls="--", lw=0.8)
     ax.plot([nft], [np.interp(nft, n, ws)], "o", color="#1b7837", label=f"w*(n_ft = {nft}) = {np.interp(nft, n, ws):.4f}")
@@ -153,9 +155,8 @@ def fig_value_family(res, arr, out):
     ax.plot([nft], [fo[0]], "k*", ms=9, label=f"gradient flow, ZS+FS (V): {fo[0]:.4f}")
     key = "zsfs_v/params/KQ"
     if key in arr:
-        kq, v = arr["zsfs_v/params/KQ"][:, 0, 0], arr["zsfs_v/params/V"][:, 0, 0, -1, -1]
-        d = kq.shape[-1] - 2
-        om_tr = np.trace(kq[:, 1 : d + 1, 1 : d + 1], axis1=-2, axis2=-1) / d * v
+        g, w = gamma_w({k: arr[f"zsfs_v/params/{k}"] for k in ("KQ", "V")})
+        om_tr = g * w
         ax.plot(np.full_like(om_tr, nft) + 0.6, om_tr, "x", color="#7fbf7b", label="trained seeds (g·w)")
     ax.set(xlabel="n", ylabel="g·w", title=r"$w^*(n)$, minimizer of the n-shot error on $\theta_0$")
     ax.title.set_fontsize(9)
@@ -223,10 +224,10 @@ def fig_losses(res, arr, out):
     cfg = res["config"]
     for name in ("pretrained", "sep_pretrained"):
         h = arr[f"{name}/history"]
-        x = (np.arange(h.shape[1]) + 0.5) * cfg["steps"] / h.shape[1]
+        x = (np.arange(h.shape[1]) + 0.5) * cfg["train"]["steps"] / h.shape[1]
         ls = "-" if name == "pretrained" else "--"
         axes[0].plot(x, h.mean(0), color="k", ls=ls, label="merged" if name == "pretrained" else "separate")
-    axes[0].set(title=f"pretraining loss ({cfg['m']}-shot, random tasks)", xlabel="step", yscale="log")
+    axes[0].set(title=f"pretraining loss ({cfg['objective']['m']}-shot, random tasks)", xlabel="step", yscale="log")
     for k, model in enumerate(("merged", "separate")):
         ax = axes[k + 1]
         for name in _methods_of(res, model):
@@ -238,7 +239,7 @@ def fig_losses(res, arr, out):
             ax.plot(x, h.mean(0), color=st["color"], ls=st["ls"], lw=1.2, label=label(name, res))
             if h.shape[0] > 1:
                 ax.fill_between(x, h.min(0), h.max(0), color=st["color"], alpha=0.15, lw=0)
-        ax.axhline(cfg["noise"], color="gray", lw=0.6, ls=":")
+        ax.axhline(cfg["train"]["noise"], color="gray", lw=0.6, ls=":")
         ax.set(title=f"fine-tuning objective ({'merged KQ' if model == 'merged' else 'separate K, Q'})", xlabel="step",
                yscale="log")
         ax.legend(fontsize=6.5, ncol=2)
@@ -253,11 +254,8 @@ def fig_heatmaps(res, arr, out, model):
     names = [pre] + [n for n in names if n != pre]
 
     def mats(name):
-        if f"{name}/params/KQ" in arr:
-            kq = arr[f"{name}/params/KQ"][0, 0, 0]
-        else:
-            q, k = arr[f"{name}/params/Q"][0, 0, 0], arr[f"{name}/params/K"][0, 0, 0]
-            kq = q.T @ k
+        leaves = ("KQ", "V") if f"{name}/params/KQ" in arr else ("K", "Q", "V")
+        kq = np.asarray(effective_kq({k: arr[f"{name}/params/{k}"][0] for k in leaves}))[0, 0]
         return kq, arr[f"{name}/params/V"][0, 0, 0]
 
     all_m = [mats(n) for n in names]
@@ -280,8 +278,7 @@ def fig_heatmaps(res, arr, out, model):
 
 
 def fig_frontier(res, arr, out):
-    cfg = res["config"]
-    nft = cfg["n_ft"]
+    nft = res["config"]["objective"]["n_ft"]
     ti, tm, tr = (res["tasks"].index(t) for t in ("theta0", "minus_theta0", "random"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for k, (ty, ylab) in enumerate(((tm, f"{nft}-shot error on unseen task $-\\theta_0$"),

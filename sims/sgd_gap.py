@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from linattn import train as T
-from sims import flow as F
 from sims import forgetting as S
+from theory.risk import task_curves
 
 
 def main(argv=None) -> int:
@@ -37,8 +37,12 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, nargs="+", default=[0, 20, 40])
     args = p.parse_args(argv)
     run = Path(args.run_dir)
-    cfg = S.StudyConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in json.loads((run / "config.json").read_text())["config"].items()})
+    saved = json.loads((run / "config.json").read_text())["config"]
+    cfg = S.StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                           if k not in ("train", "objective")},
+                        train=T.TrainConfig(**{k: v for k, v in saved["train"].items() if k != "optimizer"},
+                                            optimizer=T.OptimizerConfig(**saved["train"]["optimizer"])),
+                        objective=S.ObjectiveConfig(**saved["objective"]))
     method = S.METHOD_BY_NAME[args.method]
     store = S.Store(run)
     pre = S.unpack("p_", store.load(f"pretrain_{method.model}"))
@@ -47,18 +51,19 @@ def main(argv=None) -> int:
     shots = np.asarray(args.shots)
     piece = store.load(method.name)
     flow = S.unpack("flow_", piece)
-    pred = F.exact_curves(flow, theta0, shots, noise=cfg.noise)  # (S, 3, len(shots))
+    pred = task_curves(flow, theta0, shots, cfg.noise)  # (S, 3, len(shots))
     out = {"method": method.name, "shots": shots.tolist(), "tasks": list(S.TASKS), "dataset": not args.no_dataset,
            "prediction": pred.mean(0).tolist(), "batches": {}}
     print(f"{method.name}: exact risk, seed mean over {cfg.seeds} seeds; tasks {S.TASKS}, shots {shots.tolist()}")
     print(f"  gradient-flow prediction: {np.round(pred.mean(0), 4).tolist()}")
     for b in args.batches:
         t0 = time.time()
-        tc = dataclasses.replace(S.train_cfg(cfg, method.objective, method.subset, cfg.ft_steps), batch=b)
         ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=data)
-        keys = S.seed_keys(cfg, "finetune", cfg.seeds, int(method.model == "separate"))
-        res = T.train_many(keys, pre, cfg.lr, ctx, S.obj_cfg(cfg), cfg=tc, params_batched=True)
-        th = F.exact_curves({k: np.asarray(v) for k, v in res.params.items()}, theta0, shots, noise=cfg.noise)
+        sub = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch=b))
+        runs = [S.finetune_run(sub, S.Cell(method.name, method, s, 1.0), {method.model: pre}, ctx)
+                for s in range(cfg.seeds)]
+        res = T.train_plan(runs)
+        th = task_curves(S.stack([r.params for r in res]), theta0, shots, cfg.noise)
         gap = th.mean(0) - pred.mean(0)
         se = th.std(0, ddof=1) / np.sqrt(th.shape[0])
         out["batches"][str(b)] = {"trained": th.mean(0).tolist(), "seed_se": se.tolist(), "gap": gap.tolist()}
@@ -70,5 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    jax.config.update("jax_default_matmul_precision", "highest")
     sys.exit(main())

@@ -12,7 +12,8 @@ def test_unknown_objective_lists_registered():
     with pytest.raises(ValueError, match=r"objective 'nope' unknown; registered: \[.*'zs'.*\]"):
         O.get_objective("nope")
     with pytest.raises(ValueError, match="objective 'nope' unknown"):
-        T.TrainConfig(objective="nope")
+        T.train(jax.random.PRNGKey(0), P.init_params(jax.random.PRNGKey(0), 2), 0.01,
+                T.TaskContext(theta0=jnp.ones(2)), objective="nope", cfg=T.TrainConfig(steps=1, batch=2, d=2))
 
 
 def test_register_new_objective_and_reject_duplicates():
@@ -56,8 +57,9 @@ def test_objectives_compose_risk_terms():
 @pytest.mark.parametrize("name", sorted(O.OBJECTIVES))
 def test_every_registered_objective_trains(name):
     p0 = P.init_params(jax.random.PRNGKey(0), 2)
-    cfg = T.TrainConfig(objective=name, steps=30, batch=256, d=2, history=3)
+    cfg = T.TrainConfig(steps=30, batch=256, d=2, history=3)
     obj = O.ObjectiveConfig(m=5, n_ft=5, ref_params=p0)
-    res = T.train(jax.random.PRNGKey(1), p0, 0.01, T.TaskContext(theta0=jnp.array([0.6, 0.8])), obj, cfg=cfg)
+    res = T.train(jax.random.PRNGKey(1), p0, 0.01, T.TaskContext(theta0=jnp.array([0.6, 0.8])), obj, objective=name,
+                  cfg=cfg)
     assert res.history.shape == (3,) and np.all(np.isfinite(np.asarray(res.history)))
     assert int(res.diverged_at) == -1

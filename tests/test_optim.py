@@ -45,9 +45,9 @@ def test_clip_counts_only_trainable_leaves():
 @pytest.mark.parametrize("subset", ["v", "k", "q"])
 def test_frozen_leaves_bit_identical_after_training(subset):
     p0 = P.init_params(jax.random.PRNGKey(1), 3, merged=False)
-    cfg = T.TrainConfig(objective="zsfs", subset=subset, steps=20, batch=64, d=3, history=5)
+    cfg = T.TrainConfig(steps=20, batch=64, d=3, history=5)
     ctx = T.TaskContext(theta0=jnp.array([1.0, 0.0, 0.0]))
-    res = T.train(jax.random.PRNGKey(2), p0, 0.05, ctx, cfg=cfg)
+    res = T.train(jax.random.PRNGKey(2), p0, 0.05, ctx, objective="zsfs", subset=subset, cfg=cfg)
     labels = optim.param_labels(p0, subset)
     for k, lab in labels.items():
         if lab == "freeze":
@@ -58,8 +58,9 @@ def test_frozen_leaves_bit_identical_after_training(subset):
 
 def test_adam_and_lr_as_array():
     p0 = P.init_params(jax.random.PRNGKey(1), 2)
-    cfg = T.TrainConfig(objective="zs", steps=10, batch=32, d=2, optimizer=optim.OptimizerConfig(name="adam"))
-    res = T.train(jax.random.PRNGKey(0), p0, jnp.asarray(1e-3), T.TaskContext(theta0=jnp.ones(2)), cfg=cfg)
+    cfg = T.TrainConfig(steps=10, batch=32, d=2, optimizer=optim.OptimizerConfig(name="adam"))
+    res = T.train(jax.random.PRNGKey(0), p0, jnp.asarray(1e-3), T.TaskContext(theta0=jnp.ones(2)), objective="zs",
+                  cfg=cfg)
     assert np.isfinite(float(res.final_loss))
     with pytest.raises(ValueError, match="optimizer 'lbfgs' unknown"):
         optim.OptimizerConfig(name="lbfgs")

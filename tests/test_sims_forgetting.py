@@ -1,4 +1,4 @@
-"""The forgetting study (sims.forgetting, sims.plot, sims.flow) at tiny size.
+"""The forgetting study (sims.forgetting, sims.plot) at tiny size.
 
 One tiny sweep (30 steps, batch 64, 2 seeds) is run into a temporary folder, interrupted after a
 few pieces (--stop-after, a simulated crash), resumed, then one finished piece is deleted and the
@@ -15,18 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from linattn import train as T
+from linattn.objectives import ObjectiveConfig
 from linattn.params import params_from_json
-from sims import flow as F
+from theory.risk import task_curves
 from sims import forgetting as S
 from sims import plot as P
 
-TINY = S.StudyConfig(preset="tiny", steps=30, ft_steps=30, batch=64, seeds=2, dataset=2000, eval_samples=200,
-                     eval_chunk=200, sweep_methods=("zsfs_v",), sweep_weights=(4.0,), sweep_seeds=1,
-                     frontier_weights=(0.1, 10.0), pretrain_ds=(2,), d_steps=30, d_seeds=1,
-                     methods=("sep_zs_q", "zs_replay_all"))  # + zs_all, zsfs_v (needed by the theory families)
-TINY_NAMES = ["pretrained", "sep_pretrained", "zs_all", "zsfs_v", "sep_zs_q", "zs_replay_all"]
+TINY = S.study_config(preset="tiny", steps=30, ft_steps=30, batch=64, seeds=2, dataset=2000, eval_samples=200,
+                      eval_chunk=200, sweep_methods=("zsfs_v",), sweep_weights=(4.0,), sweep_seeds=1,
+                      frontier_weights=(0.1, 10.0), pretrain_ds=(2,), d_steps=30, d_seeds=1,
+                      methods=("sep_zs_q", "zs_replay_all", "zs_l2_all"))  # + zs_all, zsfs_v (needed by the theory families)
+TINY_NAMES = ["pretrained", "sep_pretrained", "zs_all", "zsfs_v", "sep_zs_q", "zs_replay_all", "zs_l2_all"]
 ALL_NAMES = ["zs_all", "zsfs_all", "zs_kq", "zsfs_kq", "zs_v", "zsfs_v", "sep_zs_all", "sep_zsfs_all",
-             "sep_zs_k", "sep_zsfs_k", "sep_zs_q", "sep_zsfs_q", "sep_zs_v", "sep_zsfs_v", "zs_replay_all"]
+             "sep_zs_k", "sep_zsfs_k", "sep_zs_q", "sep_zsfs_q", "sep_zs_v", "sep_zsfs_v", "zs_replay_all", "zs_l2_all"]
 FULL = Path(__file__).resolve().parents[1] / "figures" / "full_results.json"
 
 
@@ -37,18 +39,19 @@ def tiny_run(tmp_path_factory):
     with pytest.raises(S.StopRequested):
         S.run_study(TINY, out, stop_after=3, figures=False)  # simulated crash after 3 pieces
     pieces = out / "pieces"
-    assert sorted(p.stem for p in pieces.glob("*.npz")) == sorted(["pretrain_merged", "pretrain_separate", "zs_all"])
+    assert sorted(p.stem for p in pieces.glob("[!.]*.npz")) == sorted(["pretrain_merged", "pretrain_separate", "pretrain_d2"])
     S.run_study(TINY, out, figures=False)  # resume: finishes the rest
     victim = "zsfs_v"
     (pieces / f"{victim}.npz").unlink()
-    before = {p.stem: p.stat().st_mtime_ns for p in pieces.glob("*.npz")}
+    before = {p.stem: p.stat().st_mtime_ns for p in pieces.glob("[!.]*.npz")}
     res = S.run_study(TINY, out, figures=True)
     return out, res, before, victim
 
 
 def test_rerun_computes_only_missing_pieces(tiny_run):
     out, _, before, victim = tiny_run
-    after = {p.stem: p.stat().st_mtime_ns for p in (out / "pieces").glob("*.npz")}
+    after = {p.stem: p.stat().st_mtime_ns for p in (out / "pieces").glob("[!.]*.npz")}
+    assert not list((out / "pieces").glob(".plan_*")), "plan caches are removed once their pieces are saved"
     assert victim in after and victim not in before
     assert {k: after[k] for k in before} == before, "a finished piece was recomputed"
     assert len(after) == len(TINY_NAMES) + len(TINY.sweep_methods) + len(TINY.pretrain_ds) + 1
@@ -57,7 +60,7 @@ def test_rerun_computes_only_missing_pieces(tiny_run):
 def test_results_json_layout(tiny_run):
     out, _, _, _ = tiny_run
     res = json.loads((out / "results.json").read_text())
-    assert res["config"]["steps"] == TINY.steps and res["config"]["seed"] == TINY.seed
+    assert res["config"]["train"]["steps"] == TINY.train.steps and res["config"]["seed"] == TINY.seed
     assert {"jax", "linattn", "device"} <= set(res["versions"])
     assert set(res["methods"]) == set(TINY_NAMES)
     for name in TINY_NAMES:
@@ -96,7 +99,7 @@ def test_rerun_with_another_config_is_refused(tiny_run):
     import dataclasses
 
     with pytest.raises(ValueError, match="different config"):
-        S.run_study(dataclasses.replace(TINY, steps=31), out, figures=False)
+        S.run_study(dataclasses.replace(TINY, ft_steps=31), out, figures=False)
 
 
 def test_plot_redraws_without_training(tiny_run, monkeypatch):
@@ -107,7 +110,7 @@ def test_plot_redraws_without_training(tiny_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("sims.plot must not train")
 
-    monkeypatch.setattr("linattn.train.train_many", boom)
+    monkeypatch.setattr("linattn.train.train_plan", boom)
     assert P.main([str(out)]) == 0
     for name in P.FIGURES:
         assert (out / f"{name}.png").stat().st_size > 5000
@@ -116,14 +119,16 @@ def test_plot_redraws_without_training(tiny_run, monkeypatch):
 
 
 def test_the_full_sweep_runs_every_method():
-    """Default configs run the 7 merged methods (ZS, ZS+FS x all, KQ, V; ZS+replay) and 8 separate ones."""
+    """Default configs run the 8 merged methods (ZS, ZS+FS x all, KQ, V; ZS+replay; ZS+L2) and 8 separate ones."""
     assert [m.name for m in S.selected_methods(S.PRESETS["full"])] == [m.name for m in S.METHODS]
     assert sorted(m.name for m in S.METHODS) == sorted(ALL_NAMES)
     for m in S.METHODS:
         assert m.model == ("separate" if m.name.startswith("sep_") else "merged")
-        assert m.name.endswith("_" + m.subset) and m.objective in ("zs", "zsfs", "zs_replay")
+        assert m.name.endswith("_" + m.subset) and m.objective in ("zs", "zsfs", "zs_replay", "zs_l2")
     with pytest.raises(ValueError, match="unknown methods"):
         S.selected_methods(S.StudyConfig(methods=("zs_nothing",)))
+    with pytest.raises(ValueError, match="unknown study settings"):
+        S.study_config(stepz=3)
 
 
 def test_cli_parses_overrides():
@@ -131,37 +136,66 @@ def test_cli_parses_overrides():
 
     args = argparse.Namespace(quick=False, full=True, batch=2000, seeds=None, sweep_weights=[0.5, 2.0])
     cfg = S.build_config(args)
-    assert cfg.batch == 2000 and cfg.seeds == 5 and cfg.steps == 5000 and cfg.sweep_weights == (0.5, 2.0)
-    assert S.PRESETS["full"].dataset == 100_000 and S.PRESETS["full"].n_ft == 20
+    assert cfg.train.batch == 2000 and cfg.seeds == 5 and cfg.train.steps == 5000 and cfg.sweep_weights == (0.5, 2.0)
+    assert S.PRESETS["full"].dataset == 100_000 and S.PRESETS["full"].objective.n_ft == 20
 
 
-def test_flow_adapter_matches_theory_solver():
-    """sims.flow.flow_many (vmapped) reproduces theory.solver.gradient_flow step for step."""
+def test_cli_exits_2_on_bad_input(tmp_path, capsys):
+    assert S.main(["--quick", "--out", str(tmp_path / "x"), "--methods", "zs_nothing"]) == 2
+    assert "unknown methods" in capsys.readouterr().err
+    assert S.main(["--quick", "--out", str(tmp_path / "y"), "--batch", "0"]) == 2
+    assert "batch must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_flow_plan_matches_theory_solver():
+    """theory.solver.flow_plan over several starts and weights reproduces gradient_flow run by run."""
+    from theory.optimal import pretrain_optimum
+    from theory.solver import flow_plan, gradient_flow
+
+    theta0 = np.eye(5)[0]
+    with jax.enable_x64(True):
+        base = pretrain_optimum(5, 20, 0.1)
+        starts = [{k: v + 0.01 * jax.random.normal(jax.random.PRNGKey(10 * j + i), v.shape, jnp.float64)
+                   for i, (k, v) in enumerate(base.items())} for j in range(2)]
+    tc = S.ft_config(S.study_config(ft_steps=40))
+    ctx = T.TaskContext(theta0)
+    runs = [T.Run(None, p, ctx, "zsfs", "all", 0.01, S.obj_cfg(TINY, w), tc) for p in starts for w in (1.0, 3.0)]
+    got = flow_plan(runs)
+    for run, res in zip(runs, got):
+        ref = gradient_flow("zsfs", run.params0, "all", run.obj, theta0, 0.1, steps=40, lr=0.01).params
+        for k in ref:
+            np.testing.assert_allclose(res.params[k], np.asarray(ref[k]), rtol=1e-9, atol=1e-12)
+
+
+def test_flow_of_zs_l2_stays_near_its_reference():
+    """The exact flow of zs_l2 with a strong pull ends nearer its own reference than plain ZS does."""
     from theory.optimal import pretrain_optimum
     from theory.solver import gradient_flow
 
     theta0 = np.eye(5)[0]
-    with jax.enable_x64(True):
-        pre = pretrain_optimum(5, 20, 0.1)
-        pre = {k: v + 0.01 * jax.random.normal(jax.random.PRNGKey(i), v.shape, jnp.float64)
-               for i, (k, v) in enumerate(pre.items())}
-    ref = gradient_flow("zsfs", pre, "all", S.obj_cfg(TINY), theta0, 0.1, steps=40, lr=0.01).params
-    got = F.flow_many("zsfs", "all", {k: np.asarray(v)[None] for k, v in pre.items()}, theta0, [1.0], steps=40, lr=0.01)
-    for k in ref:
-        np.testing.assert_allclose(got[k][0], np.asarray(ref[k]), rtol=1e-9, atol=1e-12)
+    pre = {k: np.asarray(v) for k, v in pretrain_optimum(5, 20, 0.1).items()}
+    zs = gradient_flow("zs", pre, "all", ObjectiveConfig(), theta0, 0.1, steps=300).params
+    l2 = gradient_flow("zs_l2", pre, "all", ObjectiveConfig(l2=10.0, ref_params=pre), theta0, 0.1, steps=300).params
+    dist = lambda p: sum(float(np.sum((np.asarray(p[k]) - pre[k]) ** 2)) for k in pre)
+    assert dist(l2) < 0.5 * dist(zs)
 
 
 @pytest.fixture(scope="module")
 def theory_methods():
     """Exact curves (3 tasks x 41 shots) of gradient flow from the pretraining optimum (g = 1)."""
     from theory.optimal import pretrain_optimum
+    from theory.solver import flow_plan
 
     theta0 = np.eye(5)[0]
     pre = {k: np.asarray(v)[None] for k, v in pretrain_optimum(5, 20, 0.1).items()}
-    out = {"pretrained": F.exact_curves(pre, theta0, np.arange(41))[0]}
-    for name, obj, sub in (("zs_all", "zs", "all"), ("zs_v", "zs", "v"), ("zsfs_v", "zsfs", "v")):
-        p = F.flow_many(obj, sub, pre, theta0, [1.0], steps=3000, lr=0.01)
-        out[name] = F.exact_curves(p, theta0, np.arange(41))[0]
+    out = {"pretrained": task_curves(pre, theta0, np.arange(41))[0]}
+    tc = T.TrainConfig(steps=3000, batch=1)
+    ctx = T.TaskContext(theta0)
+    names = (("zs_all", "zs", "all"), ("zs_v", "zs", "v"), ("zsfs_v", "zsfs", "v"))
+    p0 = {k: v[0] for k, v in pre.items()}
+    res = flow_plan([T.Run(None, p0, ctx, obj, sub, 0.01, ObjectiveConfig(), tc) for _, obj, sub in names])
+    for (name, _, _), r in zip(names, res):
+        out[name] = task_curves({k: v[None] for k, v in r.params.items()}, theta0, np.arange(41))[0]
     return out
 
 
@@ -196,7 +230,7 @@ def _full_curves(kind):
 def test_findings_on_the_committed_full_run(kind):
     """The claims hold for the exact risk of the trained weights (seed mean) and of the predictions."""
     curves, res = _full_curves(kind)
-    _findings(curves, res["config"]["n_ft"], res["config"]["noise"])
+    _findings(curves, res["config"]["objective"]["n_ft"], res["config"]["train"]["noise"])
 
 
 @pytest.mark.skipif(not FULL.exists(), reason="no committed full run (figures/full_results.json)")
@@ -205,7 +239,7 @@ def test_findings_on_the_committed_full_run_simulation():
     res = json.loads(FULL.read_text())
     c = lambda n, t: (np.asarray(res["methods"][n]["curves"][t]["sim_mean"]),
                       np.asarray(res["methods"][n]["curves"][t]["sim_se"]))
-    n_ft, trivial = res["config"]["n_ft"], 1.0 + res["config"]["noise"]
+    n_ft, trivial = res["config"]["objective"]["n_ft"], 1.0 + res["config"]["train"]["noise"]
     m, s = c("zs_all", "minus_theta0")
     assert np.all(m - 2 * s > trivial)
     m, s = c("zs_v", "minus_theta0")

@@ -7,7 +7,6 @@ chi-square sampler against exact moments, the fused multi-method trainer against
 that second calls of the compiled programs do not recompile.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,7 @@ import pytest
 
 from linattn import data as D
 from linattn import evaluate
-from linattn import train as T
-from linattn.model import predict, predict_from_stats
+from linattn.model import norm_factor, predict, predict_from_stats, stats_coefficients, stats_features
 from linattn.params import init_params
 
 D_COV = 4
@@ -126,40 +124,10 @@ def test_sampler_dtype_float64():
         assert st.S.dtype == jnp.float64 and st.zq.dtype == jnp.float64 and st.y.dtype == jnp.float64
 
 
-def _ft_setup(d=3, size=2000):
-    theta0 = jnp.ones(d) / jnp.sqrt(d)
-    ctx = T.TaskContext(theta0, D.make_finetune_dataset(jax.random.PRNGKey(2), theta0, size))
-    return ctx, init_params(jax.random.PRNGKey(1), d, merged=False)
-
-
-def test_train_methods_equals_single_runs_with_the_same_key():
-    ctx, p0 = _ft_setup()
-    cfg = T.TrainConfig(steps=10, batch=128, d=3, history=5)
-    methods = [("zs", "all"), ("zsfs", "k"), ("zsfs", "q"), ("zs", "v")]
-    key = jax.random.PRNGKey(7)
-    fused = T.train_methods(key, p0, 0.05, ctx, methods, cfg=cfg)
-    assert fused.history.shape == (4, 5)
-    for i, (o, s) in enumerate(methods):
-        one = T.train(key, p0, 0.05, ctx, cfg=dataclasses.replace(cfg, objective=o, subset=s))
-        for k in p0:
-            np.testing.assert_allclose(fused.params[k][i], one.params[k], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(fused.history[i], one.history, rtol=1e-5, atol=1e-6)
-        frozen = [k for k in p0 if k.lower() != s and s != "all"]
-        for k in frozen:  # frozen leaves bit for bit
-            np.testing.assert_array_equal(fused.params[k][i], p0[k])
-
-
-def test_second_calls_do_not_recompile():
-    ctx, p0 = _ft_setup()
-    cfg = T.TrainConfig(objective="zsfs", subset="v", steps=5, batch=32, d=3, sampler="stats")
-    for lr, seed in [(0.01, 0), (0.02, 1)]:
-        T.train(jax.random.PRNGKey(seed), p0, lr, ctx, cfg=cfg)
-        T.train_many(jax.random.split(jax.random.PRNGKey(seed), 3), p0, [lr] * 3, ctx, cfg=cfg)
-        T.train_methods(jax.random.PRNGKey(seed), p0, lr, ctx, [("zs", "all"), ("zsfs", "q")], cfg=cfg)
-        evaluate.test_error(jax.random.PRNGKey(seed), p0, [0, 3, 7], ctx.theta0 * lr, samples=64, chunk=32)
-    assert T.compiled(cfg)._cache_size() == 1
-    assert T.compiled(cfg, batched=True)._cache_size() == 1
-    assert T.compiled_methods(cfg, ("zs", "zsfs"))._cache_size() == 1
+def test_second_evaluation_calls_do_not_recompile():
+    p0 = init_params(jax.random.PRNGKey(1), 3, merged=False)
+    for seed, scale in [(0, 0.01), (1, 0.02)]:
+        evaluate.test_error(jax.random.PRNGKey(seed), p0, [0, 3, 7], jnp.ones(3) * scale, samples=64, chunk=32)
     assert evaluate._curve_program(3, 32, 2, 7, 0.1, "tokens", "stats")._cache_size() == 1
 
 
@@ -169,5 +137,5 @@ def test_feature_form_of_the_one_layer_prediction_equals_the_model(merged, heads
     for n in (0, 1, 7):
         st = D.sample_prompt_stats(jax.random.PRNGKey(n), n, 50, D_COV)
         want = predict_from_stats(p, st.zq, st.S, n, normalization=normalization)
-        got = T._predict_one_layer(p, st.zq, st.S, n, normalization)
+        got = norm_factor(n, normalization) * (stats_features(st.zq, st.S) @ stats_coefficients(p))
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)

@@ -1,4 +1,5 @@
-"""Training: reference pretraining at reduced size, no recompilation, divergence, vmapped sweeps."""
+"""The training engine (linattn.train): reference pretraining at reduced size, fused methods and
+sweeps equal single runs, device layouts, no recompilation, per-run objective data, divergence."""
 
 import chex
 import jax
@@ -8,6 +9,7 @@ import pytest
 
 from linattn import data, params as P, train as T
 from linattn.objectives import ObjectiveConfig
+from linattn.optim import OptimizerConfig
 from theory.risk import risk as exact_risk
 
 D_, M_, NOISE = 5, 20, 0.1
@@ -19,10 +21,11 @@ def pretrained():
     """Four seeds of reference pretraining at reduced size (1500 steps, batch 2000), one program."""
     cfg = T.TrainConfig(steps=1500, batch=2000, history=10)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    p0 = jax.vmap(lambda k: P.init_params(k, D_))(jax.random.split(jax.random.PRNGKey(1), 4))
+    inits = jax.random.split(jax.random.PRNGKey(1), 4)
     ctx = T.TaskContext(theta0=jnp.zeros(D_))
-    res = T.train_many(keys, p0, 0.01, ctx, cfg=cfg, params_batched=True)
-    return res
+    res = T.train_plan([T.Run(k, P.init_params(i, D_), ctx, cfg=cfg) for k, i in zip(keys, inits)])
+    return T.TrainResult(*[np.stack(x) if not isinstance(x[0], dict) else
+                           {k: np.stack([p[k] for p in x]) for k in x[0]} for x in zip(*res)])
 
 
 def _c(params):
@@ -68,39 +71,139 @@ def test_pretraining_learns_c(pretrained):
     assert abs(off.mean()) <= 4 * off.std(ddof=1) / np.sqrt(off.size), off
 
 
-def test_second_call_does_not_recompile():
-    cfg = T.TrainConfig(objective="zs", steps=5, batch=16, d=2)
-    fn = chex.assert_max_traces(T.train_fn(cfg), n=1)
-    jitted = jax.jit(fn)
-    p0 = P.init_params(jax.random.PRNGKey(0), 2)
-    ctx = T.TaskContext(theta0=jnp.ones(2))
-    for i, lr in enumerate([0.01, 0.02, 0.03]):  # new key and rate each call: still one trace
-        jitted(jax.random.PRNGKey(i), p0, jnp.asarray(lr), ctx, ObjectiveConfig())
-    chex.clear_trace_counter()
+def _ft_setup(d=3, size=2000, merged=False):
+    theta0 = jnp.ones(d) / jnp.sqrt(d)
+    ctx = T.TaskContext(theta0, data.make_finetune_dataset(jax.random.PRNGKey(2), theta0, size))
+    return ctx, P.init_params(jax.random.PRNGKey(1), d, merged=merged)
 
 
-def test_vmapped_sweep_over_seeds_and_rates_matches_single_runs():
-    cfg = T.TrainConfig(objective="zsfs", subset="v", steps=20, batch=64, d=3, history=4)
-    p0 = P.init_params(jax.random.PRNGKey(0), 3)
-    ctx = T.TaskContext(theta0=jnp.array([0.0, 1.0, 0.0]))
-    keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    lrs = jnp.array([0.01, 0.02, 0.05])
-    many = T.train_many(keys, p0, lrs, ctx, cfg=cfg)
-    assert many.history.shape == (3, 4)
-    for i in range(3):
-        one = T.train(keys[i], p0, lrs[i], ctx, cfg=cfg)
-        np.testing.assert_allclose(many.params["V"][i], one.params["V"], rtol=1e-5, atol=1e-7)
+def _close(a, b, rtol=2e-5, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_fused_methods_seeds_and_rates_equal_single_runs():
+    """One plan (one program: 4 methods x 2 keys, extra columns for a second rate) gives each run's
+    single-run result; frozen leaves come back bit for bit."""
+    ctx, p0 = _ft_setup()
+    cfg = T.TrainConfig(steps=10, batch=128, d=3, history=5)
+    runs = [T.Run(jax.random.PRNGKey(s), p0, ctx, o, sub, lr, cfg=cfg)
+            for s in (7, 8) for o, sub in (("zs", "all"), ("zsfs", "k"), ("zsfs", "q"), ("zs", "v"))
+            for lr in (0.05, 0.02)]
+    assert len(T.plan_groups(runs, "mc")) == 1
+    fused = T.train_plan(runs, devices=1)
+    for run, res in zip(runs, fused):
+        one = T.train(run.key, p0, run.lr, ctx, objective=run.objective, subset=run.subset, cfg=cfg, devices=1)
+        _close(res.params, one.params)
+        _close(res.history, one.history)
+        for k in p0:
+            if run.subset != "all" and k.lower() != run.subset:
+                np.testing.assert_array_equal(res.params[k], p0[k])
+
+
+@pytest.mark.parametrize("n_dev", [1, 2])
+def test_runs_layout_equals_one_device(n_dev):
+    """Slots sharded over n_dev devices (3 slots: padded to 4 on 2 devices) give the one-device numbers."""
+    ctx, p0 = _ft_setup()
+    cfg = T.TrainConfig(steps=6, batch=64, d=3, history=3)
+    runs = [T.Run(jax.random.PRNGKey(s), p0, ctx, o, "all", 0.03, cfg=cfg) for s in range(3) for o in ("zs", "zsfs")]
+    ref = T.train_plan(runs, devices=1)
+    got = T.train_plan(runs, devices=n_dev, layout="runs")
+    for a, b in zip(ref, got):
+        _close(a.params, b.params)
+        _close(a.final_loss, b.final_loss)
+
+
+def test_batch_layout_averages_per_device_gradients():
+    """layout "batch" on 2 devices: device i draws B/2 prompts with fold_in(step key, i); one step
+    equals the optimizer applied to the mean of those single-device gradients, for pretraining
+    (statistics sampler) and ZS+FS (dataset prompts)."""
+    from linattn import step as St
+    from linattn.minibatch import monte_carlo
+    from linattn.optim import apply_updates, make_optimizer, param_labels
+
+    ctx, p0 = _ft_setup(d=5, size=1000)
+    obj = ObjectiveConfig(m=20, n_ft=20)
+    key = jax.random.PRNGKey(0)
+    for objective in ("pretrain", "zsfs"):
+        cfg = T.TrainConfig(steps=1, batch=512, d=5)
+        got = T.train(key, p0, 0.05, ctx, obj, objective=objective, cfg=cfg, devices=2, layout="batch")
+        local = T.TrainConfig(steps=1, batch=256, d=5)
+        col = St.Column(objective, "all", 20, 20, "linear")
+
+        def loss(p, i):
+            k = jax.random.fold_in(jax.random.fold_in(key, 0), i)
+            return St.column_losses(monte_carlo, k, (p,), 0.0, (obj,), (col,), local, ctx)[0]
+
+        grads = [jax.grad(loss)(p0, i) for i in range(2)]
+        mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+        opt = make_optimizer(p0, "all", jnp.asarray(0.05))
+        updates, _ = opt.update(mean, opt.init(p0), p0)
+        _close(got.params, apply_updates(p0, updates, param_labels(p0, "all")))
+        # the two devices drew different prompts (else this would prove little)
+        assert not np.allclose(np.asarray(grads[0]["V"]), np.asarray(grads[1]["V"]))
+
+
+def test_layout_choice_and_bad_layouts():
+    assert T.choose_layout(4, 5000, 2, "mc") == "runs"
+    assert T.choose_layout(5, 5000, 2, "mc") == "batch"
+    assert T.choose_layout(5, 5001, 2, "mc") == "runs"
+    assert T.choose_layout(5, 5000, 1, "mc") == "single"
+    with pytest.raises(ValueError, match="layout 'rows' unknown"):
+        T.choose_layout(4, 8, 2, "mc", "rows")
+    with pytest.raises(ValueError, match="batch divisible by 2"):
+        T.choose_layout(4, 7, 2, "mc", "batch")
+    with pytest.raises(ValueError, match="devices=9"):
+        T.resolve_devices(9)
+
+
+def test_second_calls_do_not_recompile():
+    """A new key, learning rate, start or auxiliary weight reuses the group's compiled program."""
+    ctx, p0 = _ft_setup()
+    cfg = T.TrainConfig(steps=5, batch=32, d=3)
+    for lr, seed, aux in [(0.01, 0, 1.0), (0.02, 1, 0.5)]:
+        p = jax.tree.map(lambda a: a * (1 + lr), p0)
+        T.train(jax.random.PRNGKey(seed), p, lr, ctx, ObjectiveConfig(aux_weight=aux), objective="zsfs", subset="v",
+                cfg=cfg, devices=1)
+    assert len([k for k in T._PROGRAMS if k[2] == cfg]) == 1
+    assert len([k for k in T._EXECUTABLES if k[0][2] == cfg]) == 1
+
+
+def test_zs_l2_reads_each_runs_own_reference():
+    """zs_l2 with per-run reference parameters: a huge pull keeps each run at its own reference."""
+    ctx, _ = _ft_setup(merged=True)
+    cfg = T.TrainConfig(steps=30, batch=64, d=3)
+    refs = [P.init_params(jax.random.PRNGKey(i), 3) for i in (10, 11)]
+    runs = [T.Run(jax.random.PRNGKey(0), r, ctx, "zs_l2", "all", 0.001, ObjectiveConfig(l2=100.0, ref_params=r), cfg)
+            for r in refs]
+    res = T.train_plan(runs)
+    for r, out in zip(refs, res):
+        assert max(float(jnp.max(jnp.abs(out.params[k] - r[k]))) for k in r) < 1e-2
+    assert float(jnp.max(jnp.abs(res[0].params["V"] - res[1].params["V"]))) > 0.01
+
+
+def test_objective_must_read_its_own_parameters():
+    from linattn import objectives as O
+
+    name = "test_reads_other_params"
+    if name not in O.OBJECTIVES:
+        O.register_objective(name)(lambda risk, params, progress, cfg: risk(cfg.ref_params, 0, "target"))
+    ctx, p0 = _ft_setup(merged=True)
+    with pytest.raises(ValueError, match="parameters other than the ones it is training"):
+        T.train(jax.random.PRNGKey(0), p0, 0.01, ctx, ObjectiveConfig(ref_params=p0), objective=name,
+                cfg=T.TrainConfig(steps=2, batch=8, d=3))
 
 
 def test_common_random_numbers_across_methods():
-    """With one key, ZS and ZS+FS see the same zero-shot minibatches: identical at the first step."""
+    """With one key, ZS and ZS+FS see the same zero-shot minibatch: identical first-step ZS terms."""
+    from linattn.minibatch import monte_carlo
+
     p0 = P.init_params(jax.random.PRNGKey(0), 2)
     ctx = T.TaskContext(theta0=jnp.array([1.0, 0.0]))
-    key = jax.random.PRNGKey(3)
-    r = T.mc_risk(jax.random.fold_in(key, 0), T.TrainConfig(batch=32, d=2), ctx)
-    r2 = T.mc_risk(jax.random.fold_in(key, 0), T.TrainConfig(batch=32, d=2, objective="zsfs"), ctx)
-    assert float(r(p0, 0, "target")) == float(r2(p0, 0, "target"))
-    assert float(r(p0, 0, "target")) != float(r(p0, 3, "target"))
+    cfg = T.TrainConfig(batch=32, d=2)
+    out = monte_carlo(jax.random.PRNGKey(3), (p0, p0), {(0, "target"): (0, 1), (3, "target"): (1,)}, cfg, ctx)
+    assert float(out[(0, 0, "target")]) == float(out[(1, 0, "target")])
+    assert float(out[(0, 0, "target")]) != float(out[(1, 3, "target")])
 
 
 def test_finetune_dataset_prompts():
@@ -115,8 +218,7 @@ def test_finetune_dataset_prompts():
 
 def test_divergence_reports_step_and_rate():
     p0 = P.init_params(jax.random.PRNGKey(0), 3, std=1.0)
-    cfg = T.TrainConfig(objective="pretrain", steps=200, batch=64, d=3,
-                        optimizer=T.OptimizerConfig(momentum=0.9, clip_norm=None))
+    cfg = T.TrainConfig(steps=200, batch=64, d=3, optimizer=OptimizerConfig(momentum=0.9, clip_norm=None))
     with pytest.raises(T.TrainingDiverged, match=r"diverged \(non-finite loss\) at step \d+ with learning rate 50") as err:
         T.train(jax.random.PRNGKey(0), p0, 50.0, T.TaskContext(theta0=jnp.ones(3)), cfg=cfg)
     assert 0 <= err.value.step < 200 and err.value.lr == 50.0
@@ -134,5 +236,12 @@ def test_bad_config_and_data_mismatch():
     with pytest.raises(ValueError, match="d = 5"):
         T.train(jax.random.PRNGKey(0), p0, 0.01, T.TaskContext(theta0=jnp.ones(5)), cfg=T.TrainConfig(steps=2, batch=4))
     with pytest.raises(ValueError, match="subset 'w' unknown"):
-        T.train(jax.random.PRNGKey(0), p0, 0.01, T.TaskContext(theta0=jnp.ones(4)),
-                cfg=T.TrainConfig(steps=2, batch=4, d=4, subset="w"))
+        T.train(jax.random.PRNGKey(0), p0, 0.01, T.TaskContext(theta0=jnp.ones(4)), subset="w",
+                cfg=T.TrainConfig(steps=2, batch=4, d=4))
+    with pytest.raises(ValueError, match="objective 'zss' unknown"):
+        T.train(jax.random.PRNGKey(0), p0, 0.01, T.TaskContext(theta0=jnp.ones(4)), objective="zss",
+                cfg=T.TrainConfig(steps=2, batch=4, d=4))
+    with pytest.raises(ValueError, match="learning rate must be a finite number > 0; got -0.1"):
+        T.train(jax.random.PRNGKey(0), p0, -0.1, T.TaskContext(theta0=jnp.ones(4)), cfg=T.TrainConfig(steps=2, batch=4, d=4))
+    with pytest.raises(ValueError, match=r"theta0 has shape \(3,\); expected \(4,\)"):
+        T.train(jax.random.PRNGKey(0), p0, 0.1, T.TaskContext(theta0=jnp.ones(3)), cfg=T.TrainConfig(steps=2, batch=4, d=4))

@@ -36,6 +36,7 @@ from linattn.objectives import ObjectiveConfig
 from linattn.optim import param_labels, trainable_vector
 from linattn.params import check_params, icl_params, is_merged, to_merged
 from theory.risk import population_objective
+from theory.solver import newton_step
 
 METHODS = ("pretrain", "zs_all", "zs_v", "zsfs_v", "zs_kq", "zsfs_kq")
 
@@ -157,9 +158,7 @@ def newton_subset(objective: Callable[[Mapping], jax.Array], params: Mapping, su
         x, unflat = trainable_vector(params, labels)
         f = lambda vec: objective(unflat(vec))
         for _ in range(steps):
-            g = jax.grad(f)(x)
-            Hm = jax.hessian(f)(x)
-            x = x - jnp.linalg.pinv(Hm, rtol=rcond) @ g
+            x = newton_step(f, x, rcond)
         out = unflat(x)
         return out, float(jnp.linalg.norm(jax.grad(f)(x)))
 

@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linattn.data import check_shots
+from linattn.evaluate import TEST_TASKS
 from linattn.model import check_normalization, norm_factor
-from linattn.objectives import ObjectiveConfig, evaluate_objective
+from linattn.objectives import TASK_SOURCES, ObjectiveConfig, check_task_source, evaluate_objective
 from linattn.params import check_params, effective_kq, value_row
 from theory.cubature import smolyak_gauss, sphere_degree5
 
@@ -52,20 +54,6 @@ class RiskTerms(NamedTuple):
     EBt: jax.Array
     Ett: jax.Array
     EV: jax.Array
-
-
-# ---------------------------------------------------------------- input checks
-def check_shots(shots) -> np.ndarray:
-    """Shots as a 1-D int array; ValueError naming any negative or non-integer value."""
-    arr = np.atleast_1d(np.asarray(shots))
-    if arr.ndim != 1:
-        raise ValueError(f"shots must be an int or a 1-D sequence of ints; got shape {arr.shape}")
-    for s in arr.tolist():
-        if isinstance(s, float) and not float(s).is_integer():
-            raise ValueError(f"shots must be integers; got {s}")
-        if s < 0:
-            raise ValueError(f"shots must be >= 0; got {int(s) if float(s).is_integer() else s}")
-    return arr.astype(np.int64)
 
 
 def _one_layer(params: Mapping):
@@ -201,24 +189,67 @@ def risk(params: Mapping, shots, task: Task = "sphere", noise=0.1, sigma=None, n
     return out[0] if scalar else out
 
 
+def _task_spec(task: str, theta0, random_task: Task):
+    """What a task source (linattn.objectives.TASK_SOURCES) integrates over."""
+    check_task_source(task)
+    if task != "random" and theta0 is None:
+        raise ValueError(f"this objective uses the task source {task!r}; pass theta0")
+    fixed = TASK_SOURCES[task](None if theta0 is None else jnp.asarray(theta0, jnp.float64))
+    return random_task if fixed is None else fixed
+
+
 def make_risk_fn(theta0, noise=0.1, sigma=None, normalization: str = "tokens", random_task: Task = "sphere"):
     """A `risk(params, shots, task)` for the objective registry (linattn.objectives).
 
-    task "target" -> the fixed task theta0; "random" -> `random_task` (the unit sphere).
+    Task sources map to their fixed task (theta0, -theta0, ...) or to `random_task` (the unit sphere).
     """
 
     def risk_fn(params, shots, task):
-        if task == "target":
-            if theta0 is None:
-                raise ValueError("this objective uses the target task; pass theta0")
-            spec = theta0
-        elif task == "random":
-            spec = random_task
-        else:
-            raise ValueError(f"task source {task!r} unknown; allowed: ['target', 'random']")
-        return risk(params, int(shots), spec, noise, sigma, normalization)
+        return risk(params, int(shots), _task_spec(task, theta0, random_task), noise, sigma, normalization)
 
     return risk_fn
+
+
+def exact_source(key, params, requests, cfg, ctx) -> dict:
+    """The engine's exact risk source (linattn.train, source="exact"); same signature as
+    linattn.minibatch.monte_carlo: {(method, shots, task source): population risk}.
+
+    The key is not read. The fine-tuning dataset is replaced by its population (theta0 itself);
+    each (method, task source) computes its RiskTerms once for all shot counts.
+    """
+    sigma = None if ctx.cov_factor is None else ctx.cov_factor @ ctx.cov_factor.T
+    terms, out = {}, {}
+    for (shots, task), ms in requests.items():
+        for m in ms:
+            if (m, task) not in terms:
+                terms[(m, task)] = risk_terms(params[m], _task_spec(task, ctx.theta0, cfg.tasks), cfg.noise, sigma)
+            out[(m, shots, task)] = risk_from_terms(terms[(m, task)], shots, cfg.noise, cfg.normalization)
+    return out
+
+
+_CURVES: dict = {}
+
+
+def task_curves(params: Mapping, theta0, shots, noise=0.1, normalization: str = "tokens",
+                tasks: Sequence[str] = tuple(TEST_TASKS)) -> np.ndarray:
+    """Exact risk of R stacked one-layer trees on test tasks (linattn.evaluate.TEST_TASKS names):
+    float64 array (R, len(tasks), len(shots)); one compiled program per (noise, tasks)."""
+    n = check_shots(shots)
+    check_normalization(normalization)
+    sources = [TEST_TASKS[t] for t in tasks]
+    sig = (float(noise), tuple(sources))
+    with jax.enable_x64(True):
+        if sig not in _CURVES:
+            def terms(p, theta0):
+                return jnp.stack([jnp.stack(risk_terms(p, _task_spec(s, theta0, "sphere"), noise)) for s in sources])
+
+            _CURVES[sig] = jax.jit(jax.vmap(terms, in_axes=(0, None)))
+        p = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in params.items()}
+        d = p["V"].shape[-1] - 2
+        th = jnp.zeros(d) if theta0 is None else jnp.asarray(theta0, jnp.float64)
+        T = _CURVES[sig](p, th)  # (R, tasks, 7)
+        f = jax.vmap(jax.vmap(lambda t: risk_from_terms(RiskTerms(*t), n, noise, normalization)))
+        return np.asarray(f(T))
 
 
 def population_objective(

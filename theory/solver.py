@@ -14,14 +14,16 @@ linattn.objectives registry (including ones users add) and any trainable subset:
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from linattn.objectives import ObjectiveConfig, get_objective
-from linattn.optim import OptimizerConfig, apply_updates, make_optimizer, param_labels, trainable_norm, trainable_vector
+from linattn.optim import OptimizerConfig, param_labels, trainable_norm, trainable_vector
+from linattn.train import Run, TaskContext, TrainConfig, TrainResult, train_plan
 from theory.risk import population_objective
 
 
@@ -41,36 +43,39 @@ def _objective_fn(name, cfg, theta0, noise, sigma, normalization):
     return lambda p, progress: population_objective(name, p, progress, cfg, theta0, noise, sigma, normalization)
 
 
+def flow_plan(runs: Sequence[Run], **plan_kwargs) -> list[TrainResult]:
+    """Population gradient flow of many runs in one program per group: linattn.train.train_plan
+    with the exact risk source (float64), vmapped over starting points, auxiliary weights, learning
+    rates and per-run objective data. Each run follows its own optimizer, schedule and steps."""
+    return train_plan(runs, source="exact", **plan_kwargs)
+
+
 def gradient_flow(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(), theta0=None,
                   noise: float = 0.1, *, steps: int = 5000, lr: float = 0.01,
                   opt_cfg: OptimizerConfig = OptimizerConfig(), sigma=None,
                   normalization: str = "tokens") -> SolveResult:
-    """Population gradient descent with the training optimizer (see module docstring)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+    """Population gradient descent with the training optimizer for one start (module docstring)."""
+    d = params0["V"].shape[-1] - 2
+    theta = np.zeros(d) if theta0 is None else np.asarray(theta0, np.float64)
+    chol = None if sigma is None else np.linalg.cholesky(np.asarray(sigma, np.float64))
+    tc = TrainConfig(steps=steps, batch=1, d=d, noise=noise, normalization=normalization, history=steps,
+                     optimizer=opt_cfg)
+    run = Run(None, params0, TaskContext(theta, None, chol), name, subset, lr, cfg, tc)
+    res = flow_plan([run])[0]
     f = _objective_fn(name, cfg, theta0, noise, sigma, normalization)
     with jax.enable_x64(True):
-        params0 = {k: jnp.asarray(v, jnp.float64) for k, v in params0.items()}
-        labels = param_labels(params0, subset)
-        opt = make_optimizer(params0, subset, jnp.asarray(lr, jnp.float64), opt_cfg)
-        denom = max(steps - 1, 1)
+        p = {k: jnp.asarray(v, jnp.float64) for k, v in res.params.items()}
+        value, grads = jax.value_and_grad(f)(p, 1.0)
+        gn = trainable_norm(grads, param_labels(p, subset))
+    return SolveResult(p, float(gn), float(value), jnp.asarray(res.history))
 
-        @jax.jit
-        def run(p0):
-            def step(carry, i):
-                p, state = carry
-                progress = i / denom
-                value, grads = jax.value_and_grad(f)(p, progress)
-                updates, state = opt.update(grads, state, p)
-                return (apply_updates(p, updates, labels), state), value
 
-            (p, _), hist = jax.lax.scan(step, (p0, opt.init(p0)), jnp.arange(steps, dtype=jnp.float64))
-            last = jnp.asarray(steps - 1, jnp.float64) / denom
-            value, grads = jax.value_and_grad(f)(p, last)
-            return p, value, trainable_norm(grads, labels), hist
+def newton_step(f, x, rtol: float = 1e-10):
+    """One pseudo-inverse Newton step x - H^+ g of a scalar function of a flat vector (float64).
 
-        p, value, gn, hist = run(params0)
-        return SolveResult(p, float(gn), float(value), hist)
+    Exact in one step when f is quadratic; moves only in directions f sees.
+    """
+    return x - jnp.linalg.pinv(jax.hessian(f)(x), rtol=rtol) @ jax.grad(f)(x)
 
 
 def minimize(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(), theta0=None,
@@ -102,9 +107,9 @@ def minimize(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = O
             return x, hist
 
         x, hist = run(x0)
-        grad_f, hess_f = jax.jit(jax.grad(fx)), jax.jit(jax.hessian(fx))
+        grad_f, step = jax.jit(jax.grad(fx)), jax.jit(lambda x: newton_step(fx, x))
         for _ in range(newton_steps):
-            cand = x - jnp.linalg.pinv(hess_f(x), rtol=1e-10) @ grad_f(x)
+            cand = step(x)
             if jnp.linalg.norm(grad_f(cand)) < jnp.linalg.norm(grad_f(x)):
                 x = cand
         return SolveResult(unflat(x), float(jnp.linalg.norm(grad_f(x))), float(fx(x)), hist)

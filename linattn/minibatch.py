@@ -1,0 +1,83 @@
+"""The Monte Carlo risk source of the engine: one minibatch per (shots, task), shared by methods.
+
+Shape notation: B prompts, M methods reading a term, D = d + 2, F = D * D(D+1)/2 features.
+
+`monte_carlo(key, params, requests, cfg, ctx)` returns the minibatch mean squared error of every
+requested term {(method, shots, task source): value}. Each (shots, task source) pair draws its B
+prompts once, from the key fold_in(fold_in(key, shots), source index), so every method of a
+program sees the same prompts (common random numbers). One-layer models read the prompts through
+their features (linattn.model.stats_features): all M methods then cost one (B, F) x (F, M)
+matmul. Deeper models read the tokens themselves (linattn.model.predict).
+The exact counterpart with the same signature is theory.risk.exact_source.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from linattn import data as D
+from linattn.model import norm_factor, outer_sum, predict, stats_coefficients, stats_features
+from linattn.objectives import TASK_SOURCES
+
+
+def resolve_sampler(name: str, one_layer: bool) -> str:
+    """"auto" -> "stats" for one-layer models, "tokens" otherwise; checks the name."""
+    if name == "auto":
+        return "stats" if one_layer else "tokens"
+    if name not in D.SAMPLERS:
+        raise ValueError(f"sampler {name!r} unknown; allowed: {sorted(D.SAMPLERS)} or 'auto'")
+    if name == "stats" and not one_layer:
+        raise ValueError("sampler 'stats' is for one-layer models; these parameters have more layers "
+                         "(use sampler='tokens' or 'auto')")
+    return name
+
+
+def _draw(key, shots: int, task: str, cfg, ctx, dtype, sampler: str, tokens: bool):
+    """(zq, S, Z or None, y) of cfg.batch prompts of one task source."""
+    if task == "target" and ctx.dataset is not None:
+        Z, y = D.sample_from_dataset(key, ctx.dataset, shots, cfg.batch)
+        Z = Z.astype(dtype)
+        return Z[:, -1], outer_sum(Z), Z, y.astype(dtype)
+    fixed = TASK_SOURCES[task](ctx.theta0)
+    dist = cfg.tasks if fixed is None else fixed
+    args = (key, shots, cfg.batch, cfg.d, dist, cfg.noise, ctx.cov_factor, dtype)
+    if sampler == "stats" and not tokens:
+        zq, S, y = D.SAMPLERS["stats"](*args)
+        return zq, S, None, y
+    Z, y = D.SAMPLERS["tokens"](*args)
+    return Z[:, -1], outer_sum(Z), Z, y
+
+
+def monte_carlo(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> dict:
+    """Minibatch estimates of every requested risk term.
+
+    Args:
+      key: this step's key (linattn.engine folds in the step and, split over devices, the device).
+      params: the M methods' parameter trees.
+      requests: {(shots, task source): (method indices)}.
+      cfg: linattn.train.TrainConfig (batch, d, noise, tasks, normalization, sampler).
+      ctx: linattn.train.TaskContext.
+    Returns:
+      {(method, shots, task source): scalar mean squared error}.
+    """
+    one_layer = all(p["V"].shape[0] == 1 for p in params)
+    sampler = resolve_sampler(cfg.sampler, one_layer)
+    dtype = params[0]["V"].dtype
+    out = {}
+    for (shots, task), ms in requests.items():
+        k = jax.random.fold_in(jax.random.fold_in(key, shots), list(TASK_SOURCES).index(task))
+        deep = [m for m in ms if params[m]["V"].shape[0] > 1]
+        zq, S, Z, y = _draw(k, shots, task, cfg, ctx, dtype, sampler, tokens=bool(deep))
+        flat = [m for m in ms if m not in deep]
+        if flat:
+            C = jnp.stack([stats_coefficients(params[m]) for m in flat], axis=1)  # (F, M)
+            pred = norm_factor(shots, cfg.normalization).astype(dtype) * (stats_features(zq, S) @ C)
+            mse = jnp.mean((pred - y[:, None]) ** 2, axis=0)
+            out.update({(m, shots, task): mse[j] for j, m in enumerate(flat)})
+        for m in deep:
+            pred = predict(params[m], Z, normalization=cfg.normalization)
+            out[(m, shots, task)] = jnp.mean((pred - y) ** 2)
+    return out
