@@ -61,7 +61,8 @@ def check_shots(n):
 
 
 def sample_tasks(key: jax.Array, batch: int, d: int, task="sphere", dtype=jnp.float32) -> jax.Array:
-    """Task vectors, shape (batch, d). `task` is "sphere", "gaussian" or a fixed (d,) vector."""
+    """Task vectors, shape (batch, d). `task` is "sphere", "gaussian", a fixed (d,) vector, or
+    (batch, d) tasks given one per prompt."""
     if isinstance(task, str):
         if task not in TASK_KINDS:
             raise ValueError(f"task distribution {task!r} unknown; allowed: {list(TASK_KINDS)} or a (d,) vector")
@@ -70,8 +71,8 @@ def sample_tasks(key: jax.Array, batch: int, d: int, task="sphere", dtype=jnp.fl
             return g / jnp.linalg.norm(g, axis=-1, keepdims=True)
         return g / jnp.sqrt(jnp.asarray(d, dtype))
     theta = jnp.asarray(task, dtype)
-    if theta.shape != (d,):
-        raise ValueError(f"fixed task has shape {theta.shape}; expected ({d},) for d = {d}")
+    if theta.shape not in ((d,), (batch, d)):
+        raise ValueError(f"fixed task has shape {theta.shape}; expected ({d},) for d = {d} (or ({batch}, {d}))")
     return jnp.broadcast_to(theta, (batch, d))
 
 
@@ -114,18 +115,14 @@ class PromptStats(NamedTuple):
     y: jax.Array  # (B,) the query's true label
 
 
-ROUNDS = 3  # Marsaglia-Tsang proposals drawn per lane before the fallback loop
-
-
 def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
     """Gamma(a, 1) draws for an array of shapes a > 0, exact (Marsaglia & Tsang 2000).
 
     One normal and one uniform per lane propose d v, d = a' - 1/3, v = (1 + x / sqrt(9 d))^3,
     accepted when log u < x^2/2 + d - d v + d log v; shapes a < 1 use a' = a + 1 and the boost
-    Gamma(a) = Gamma(a + 1) U^(1/a). Every lane draws ROUNDS proposals at once and keeps its first
-    accepted one; the rare lanes rejected every time are redrawn in a while_loop over a small
-    buffer of them (usually zero iterations). Unlike jax.random.gamma there is no per-lane key
-    split. Returns an array of a's shape.
+    Gamma(a) = Gamma(a + 1) U^(1/a). Rejected lanes (a few percent) are redrawn in a while_loop
+    that touches only a small buffer of them, so the cost is about two draws per lane; unlike
+    jax.random.gamma there is no per-lane key split. Returns an array of a's shape.
     """
     a = jnp.asarray(a, dtype)
     shape, flat = a.shape, jnp.ravel(a)
@@ -145,12 +142,7 @@ def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
         return dd_ * v, ok
 
     k0, k_boost, k_loop = jax.random.split(key, 3)
-    # ROUNDS proposals per lane up front; the first accepted one is the draw (the same law as
-    # proposing one at a time). Lanes rejected every time (about 1e-5 of them) go to the loop.
-    vals, oks = propose(k0, jnp.broadcast_to(dd, (ROUNDS, size)), jnp.broadcast_to(cc, (ROUNDS, size)))
-    first = jnp.argmax(oks, axis=0)
-    val = jnp.take_along_axis(vals, first[None], axis=0)[0]
-    ok = jnp.any(oks, axis=0)
+    val, ok = propose(k0, dd, cc)
     buf = min(size, 64 + size // 16)
 
     def body(state):
@@ -226,15 +218,17 @@ def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float 
     xq = gq if cov_factor is None else gq @ jnp.asarray(cov_factor, dtype).T
     sig = jnp.sqrt(jnp.asarray(noise, dtype))
     yq = jnp.einsum("bd,bd->b", xq, theta) + sig * geps
-    Lf = jnp.eye(d, dtype=dtype) if cov_factor is None else jnp.asarray(cov_factor, dtype)
-    thL = theta @ Lf  # (B, d): the label row of A
-    top = jnp.broadcast_to(jnp.concatenate([Lf, jnp.zeros((d, 1), dtype)], axis=1), (batch, d, p))
-    bottom = jnp.concatenate([thL, jnp.broadcast_to(sig, (batch, 1))], axis=1)[:, None, :]
-    A = jnp.concatenate([top, bottom], axis=1)  # (B, p, p)
+    # A g and A Bw through A's blocks (no (B, p, p) copy of A): the x rows are L g_x, the label row
+    # theta^T L g_x + sigma g_y; with L = I (cov_factor None) the x rows are g_x itself.
+    Lmul = (lambda v: v) if cov_factor is None else (lambda v: jnp.einsum("ij,bj...->bi...", jnp.asarray(cov_factor, dtype), v))
+    thL = theta if cov_factor is None else theta @ jnp.asarray(cov_factor, dtype)  # (B, d)
     nf = jnp.asarray(n, dtype)
-    s = jnp.sqrt(nf) * jnp.sum(A * gs[:, None, :], axis=-1)
+    sx = Lmul(gs[:, :d])
+    s = jnp.sqrt(nf) * jnp.concatenate([sx, (jnp.sum(thL * gs[:, :d], axis=-1) + sig * gs[:, d])[:, None]], axis=1)
     Bw = _bartlett(k_w, jnp.asarray(n) - 1, p, batch, dtype, off=off)
-    AB = _bmm(A, Bw)
+    ABx = Lmul(Bw[:, :d, :])  # (B, d, p)
+    ABy = jnp.sum(thL[:, :, None] * Bw[:, :d, :], axis=1) + sig * Bw[:, d, :]  # (B, p)
+    AB = jnp.concatenate([ABx, ABy[:, None, :]], axis=1)
     U = s[:, :, None] * s[:, None, :] / jnp.maximum(nf, 1.0) + _bmm(AB, jnp.swapaxes(AB, -1, -2))
     zq = jnp.concatenate([jnp.ones((batch, 1), dtype), xq, jnp.zeros((batch, 1), dtype)], axis=-1)
     head = jnp.concatenate([jnp.broadcast_to(nf, (batch, 1, 1)), s[:, None, :]], axis=2)

@@ -68,6 +68,24 @@ def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noi
       samples: prompts per shot count (rounded up to whole chunks).
       sampler: "tokens", "stats" (one layer only) or "auto" (stats for one layer).
     """
+    return _curves([key], params, shots, [task], noise, samples, chunk, cov_factor, normalization, sampler)[0]
+
+
+def test_errors(key, params: Mapping, shots: Sequence[int], theta0, **kwargs) -> dict[str, Curve]:
+    """Curves on the TEST_TASKS: theta0, -theta0 (unseen in fine-tuning) and fresh unit-sphere tasks,
+    in one compiled program. Task i of TEST_TASKS uses the key fold_in(key, i)."""
+    theta0 = jnp.asarray(theta0)
+    tasks = [TASK_SOURCES[source](theta0) for source in TEST_TASKS.values()]
+    tasks = ["sphere" if t is None else t for t in tasks]
+    keys = [jax.random.fold_in(key, i) for i in range(len(tasks))]
+    opts = {"noise": 0.1, "samples": 20_000, "chunk": 5_000, "cov_factor": None, "normalization": "tokens",
+            "sampler": "auto", **kwargs}
+    curves = _curves(keys, params, shots, tasks, *opts.values())
+    return dict(zip(TEST_TASKS, curves))
+
+
+def _curves(keys, params, shots, tasks, noise, samples, chunk, cov_factor, normalization, sampler) -> list[Curve]:
+    """Curves of every task in `tasks` (strings or fixed vectors), each with its key, one program."""
     many = np.ndim(params["V"]) == 5
     if not many:
         params = jax.tree.map(lambda a: jnp.asarray(a)[None], dict(params))
@@ -81,54 +99,58 @@ def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noi
     b = min(chunk, samples)
     n_chunks = -(-samples // b)
     nmax = int(shots.max())
-    means, ss = _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler)(
-        params, key, jnp.asarray(shots), task if not isinstance(task, str) else None,
-        cov_factor, task if isinstance(task, str) else None)
-    means, ss = np.asarray(means, np.float64), np.asarray(ss, np.float64)  # (S, C, M)
+    kinds = {t for t in tasks if isinstance(t, str)}
+    if len(kinds) > 1:
+        raise ValueError(f"one random task distribution per call; got {sorted(kinds)}")
+    kind = kinds.pop() if kinds else "sphere"
+    dtype = params["V"].dtype
+    thetas = jnp.stack([jnp.zeros(d, dtype) if isinstance(t, str) else jnp.asarray(t, dtype) for t in tasks])
+    if thetas.shape[1:] != (d,):
+        raise ValueError(f"fixed task has shape {thetas.shape[1:]}; expected ({d},) for d = {d}")
+    random = jnp.asarray([isinstance(t, str) for t in tasks])
+    means, ss = _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler, kind)(
+        params, jnp.stack(keys), jnp.asarray(shots), thetas, random, cov_factor)
+    means, ss = np.asarray(means, np.float64), np.asarray(ss, np.float64)  # (T, S, C, M)
     # combine equal chunks: total variance = within-chunk + between-chunk parts
     total = n_chunks * b
-    mean = means.mean(axis=1)
-    var = (ss.sum(axis=1) + b * ((means - mean[:, None]) ** 2).sum(axis=1)) / (total - 1)
-    mean, se = mean.T, np.sqrt(var / total).T  # (M, S)
-    return Curve(shots, mean, se) if many else Curve(shots, mean[0], se[0])
+    mean = means.mean(axis=2)
+    var = (ss.sum(axis=2) + b * ((means - mean[:, :, None]) ** 2).sum(axis=2)) / (total - 1)
+    mean, se = np.swapaxes(mean, 1, 2), np.swapaxes(np.sqrt(var / total), 1, 2)  # (T, M, S)
+    return [Curve(shots, m, e) if many else Curve(shots, m[0], e[0]) for m, e in zip(mean, se)]
 
 
 _PROGRAMS: dict = {}
 
 
-def _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler):
-    """One jitted program per static shape: lax.map over shot counts, then over chunks."""
-    sig = (d, b, n_chunks, nmax, noise, normalization, sampler)
+def _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler, kind: str):
+    """One jitted program per static shape: lax.map over tasks, shot counts and chunks.
+
+    Task t draws its prompts' tasks from `kind` where random[t], else uses thetas[t]; both paths
+    share one body, so the program is compiled once whatever the tasks.
+    """
+    sig = (d, b, n_chunks, nmax, noise, normalization, sampler, kind)
     if sig in _PROGRAMS:
         return _PROGRAMS[sig]
 
-    def program(params, key, shots, theta, cov_factor, kind):
-        task = kind if theta is None else theta
+    def program(params, keys, shots, thetas, random, cov_factor):
+        def per_task(args):
+            key, theta, rand = args
 
-        def per_shot(n):
-            k_n = jax.random.fold_in(key, n)
-            return jax.lax.map(
-                lambda c: _chunk_errors(params, jax.random.fold_in(k_n, c), n, nmax, b, d, task,
-                                        noise, cov_factor, normalization, sampler),
-                jnp.arange(n_chunks))
+            def per_chunk(k_n, c, n):
+                k_task, k = jax.random.split(jax.random.fold_in(k_n, c))
+                task = jnp.where(rand, D.sample_tasks(k_task, b, d, kind, theta.dtype), theta[None, :])
+                return _chunk_errors(params, k, n, nmax, b, d, task, noise, cov_factor, normalization, sampler)
 
-        return jax.lax.map(per_shot, shots)
+            def per_shot(n):
+                k_n = jax.random.fold_in(key, n)
+                return jax.lax.map(lambda c: per_chunk(k_n, c, n), jnp.arange(n_chunks))
 
-    _PROGRAMS[sig] = jax.jit(program, static_argnames=("kind",))
+            return jax.lax.map(per_shot, shots)
+
+        return jax.lax.map(per_task, (keys, thetas, random))
+
+    _PROGRAMS[sig] = jax.jit(program)
     return _PROGRAMS[sig]
-
-
-def test_errors(key, params: Mapping, shots: Sequence[int], theta0, **kwargs) -> dict[str, Curve]:
-    """Curves on the TEST_TASKS: theta0, -theta0 (unseen in fine-tuning) and fresh unit-sphere tasks.
-
-    Task i of TEST_TASKS uses the key fold_in(key, i).
-    """
-    theta0 = jnp.asarray(theta0)
-    out = {}
-    for i, (name, source) in enumerate(TEST_TASKS.items()):
-        fixed = TASK_SOURCES[source](theta0)
-        out[name] = test_error(jax.random.fold_in(key, i), params, shots, "sphere" if fixed is None else fixed, **kwargs)
-    return out
 
 
 def seed_stats(sim_mean, sim_se, theory):

@@ -1,6 +1,6 @@
 """The Monte Carlo risk source of the engine: one minibatch per (shots, task), shared by methods.
 
-Shape notation: B prompts, M methods reading a term, D = d + 2, F = D * D(D+1)/2 features.
+Shape notation: B prompts, M methods reading a term, D = d + 2, F = (D - 1) * D(D+1)/2 features.
 
 `monte_carlo(key, params, requests, cfg, ctx)` returns the minibatch mean squared error of every
 requested term {(method, shots, task source): value}. Each (shots, task source) pair draws its B
@@ -55,7 +55,7 @@ def monte_carlo(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> 
     """Minibatch estimates of every requested risk term.
 
     Args:
-      key: this step's key (linattn.engine folds in the step and, split over devices, the device).
+      key: this step's key (linattn.step folds in the step and, split over devices, the device).
       params: the M methods' parameter trees.
       requests: {(shots, task source): (method indices)}.
       cfg: linattn.train.TrainConfig (batch, d, noise, tasks, normalization, sampler).

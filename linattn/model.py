@@ -127,10 +127,14 @@ def outer_sum(Z: jax.Array) -> jax.Array:
 
 
 def stats_features(zq: jax.Array, S: jax.Array) -> jax.Array:
-    """(B, D * D(D+1)/2) features zq_i S_jk (j <= k) of one-layer prompts; see stats_coefficients."""
+    """(B, (D-1) * D(D+1)/2) features zq_i S_jk (i < D-1, j <= k) of one-layer prompts.
+
+    The query's label entry zq_{D-1} is zero (SPEC section 2), so its features are dropped.
+    See stats_coefficients.
+    """
     iu = np.triu_indices(S.shape[-1])
     Su = S[:, iu[0], iu[1]]
-    return (zq[:, :, None] * Su[:, None, :]).reshape(zq.shape[0], -1)
+    return (zq[:, :-1, None] * Su[:, None, :]).reshape(zq.shape[0], -1)
 
 
 def stats_coefficients(params: Mapping) -> jax.Array:
@@ -138,7 +142,7 @@ def stats_coefficients(params: Mapping) -> jax.Array:
 
     predict_from_stats without its normalization, written as one matrix product: the features
     do not depend on the parameters, so several models evaluated on the same prompts (fused
-    methods in linattn.engine, many models in linattn.evaluate) share them and each costs one
+    methods in linattn.train, many models in linattn.evaluate) share them and each costs one
     column of a matmul.
     """
     kq, v = effective_kq(params)[0], value_row(params)[0]
@@ -146,4 +150,4 @@ def stats_coefficients(params: Mapping) -> jax.Array:
     t3 = t3 + jnp.swapaxes(t3, 1, 2)
     iu = np.triu_indices(t3.shape[-1])
     half = np.where(iu[0] == iu[1], 0.5, 1.0).astype(t3.dtype)
-    return (t3[:, iu[0], iu[1]] * half[None, :]).reshape(-1)
+    return (t3[:-1, iu[0], iu[1]] * half[None, :]).reshape(-1)
