@@ -3,8 +3,8 @@
 Shape notation: S shot counts, C chunks of b prompts, N_max = max shots + 1 tokens, M models.
 
 Several models (parameter trees stacked on a leading axis M) are evaluated on the same prompts:
-each chunk is drawn once, and one-layer models then cost one column of a matmul each
-(linattn.model.stats_features), so the curves of every method of a seed cost about one.
+each chunk is drawn once, and one-layer models share its two matrix products
+(linattn.model.predict_many_from_stats), so the curves of every method of a seed cost about one.
 
 Prompts of every shot count share one shape: demonstrations past n are all-zero tokens, which a
 linear attention layer ignores when told the true n (linattn.model), so the whole curve is one
@@ -22,7 +22,7 @@ import numpy as np
 
 from linattn import data as D
 from linattn.minibatch import resolve_sampler
-from linattn.model import norm_factor, predict, stats_coefficients, stats_features
+from linattn.model import predict, predict_many_from_stats
 from linattn.objectives import TASK_SOURCES
 from linattn.params import check_params
 
@@ -44,8 +44,9 @@ def _chunk_errors(params, key, n, nmax: int, b: int, d: int, task, noise, cov_fa
     dtype = params["V"].dtype
     if sampler == "stats":
         zq, S, y = D.sample_prompt_stats(key, n, b, d, task, noise, cov_factor, dtype)
-        C = jax.vmap(stats_coefficients, out_axes=1)(params)  # (F, M)
-        pred = norm_factor(n, normalization).astype(dtype) * (stats_features(zq, S) @ C)
+        M = params["V"].shape[0]
+        pred = predict_many_from_stats([jax.tree.map(lambda a, i=i: a[i], params) for i in range(M)], zq, S, n,
+                                       normalization=normalization).astype(dtype)
     else:
         Z, y = D.sample_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)
         keep = (jnp.arange(nmax + 1) >= nmax - n)  # the last n demonstrations and the query

@@ -1,13 +1,13 @@
 """The Monte Carlo risk source of the engine: one minibatch per (shots, task), shared by methods.
 
-Shape notation: B prompts, M methods reading a term, D = d + 2, F = (D - 1) * D(D+1)/2 features.
+Shape notation: B prompts, M methods reading a term, D = d + 2.
 
 `monte_carlo(key, params, requests, cfg, ctx)` returns the minibatch mean squared error of every
 requested term {(method, shots, task source): value}. Each (shots, task source) pair draws its B
 prompts once, from the key fold_in(fold_in(key, shots), source index), so every method of a
 program sees the same prompts (common random numbers). One-layer models read the prompts through
-their features (linattn.model.stats_features): all M methods then cost one (B, F) x (F, M)
-matmul. Deeper models read the tokens themselves (linattn.model.predict).
+their statistics (zq, S) (linattn.model.predict_many_from_stats: two matrix products shared by
+the M methods). Deeper models read the tokens themselves (linattn.model.predict).
 The exact counterpart with the same signature is theory.risk.exact_source.
 """
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from linattn import data as D
-from linattn.model import norm_factor, outer_sum, predict, stats_coefficients, stats_features
+from linattn.model import outer_sum, predict, predict_many_from_stats
 from linattn.objectives import TASK_SOURCES
 
 
@@ -72,11 +72,11 @@ def monte_carlo(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> 
         deep = [m for m in ms if params[m]["V"].shape[0] > 1]
         zq, S, Z, y = _draw(k, shots, task, cfg, ctx, dtype, sampler, tokens=bool(deep))
         flat = [m for m in ms if m not in deep]
-        if flat:
-            C = jnp.stack([stats_coefficients(params[m]) for m in flat], axis=1)  # (F, M)
-            pred = norm_factor(shots, cfg.normalization).astype(dtype) * (stats_features(zq, S) @ C)
-            mse = jnp.mean((pred - y[:, None]) ** 2, axis=0)
-            out.update({(m, shots, task): mse[j] for j, m in enumerate(flat)})
+        for heads in sorted({params[m]["V"].shape[1] for m in flat}):
+            same = [m for m in flat if params[m]["V"].shape[1] == heads]
+            pred = predict_many_from_stats([params[m] for m in same], zq, S, shots, normalization=cfg.normalization)
+            mse = jnp.mean((pred.astype(dtype) - y[:, None]) ** 2, axis=0)
+            out.update({(m, shots, task): mse[j] for j, m in enumerate(same)})
         for m in deep:
             pred = predict(params[m], Z, normalization=cfg.normalization)
             out[(m, shots, task)] = jnp.mean((pred - y) ** 2)

@@ -16,7 +16,7 @@ the normalization) makes a padded prompt exact.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,16 +90,32 @@ def predict_from_stats(params: Mapping, zq: jax.Array, S: jax.Array, n, *, norma
     included) of z z^T. zq (..., D), S (..., D, D), n broadcastable to zq.shape[:-1].
     """
     check_params(params)
-    if params["V"].shape[0] != 1:
-        raise ValueError(
-            f"predict_from_stats is for one-layer models; these parameters have "
-            f"{params['V'].shape[0]} layers"
-        )
-    kq, v = effective_kq(params)[0], value_row(params)[0]
-    u = jnp.einsum("...i,hij->...hj", zq, kq)
-    Sv = jnp.einsum("...jk,hk->...hj", S, v)
+    return predict_many_from_stats([params], zq, S, n, normalization=normalization)[..., 0]
+
+
+def predict_many_from_stats(params: Sequence[Mapping], zq: jax.Array, S: jax.Array, n, *,
+                            normalization: str = "tokens"):
+    """predict_from_stats of M one-layer models (same heads and d) on the same prompts: (..., M).
+
+    Few models (M <= FEATURES_FROM): zq against every KQ_h and S against every v_h, about 2 D^2
+    multiply-adds per prompt and model. More models: the prompt's features zq_i S_jk, built once,
+    times one coefficient column per model (one matrix product; _features, _coefficients), which
+    XLA runs faster on CPU for many models (measured at d = 5: 3.5 ms against 9.6 ms for the
+    loss and gradient of 17 models at 5000 prompts; 0.9 ms against 1.7 ms for one model).
+    """
+    for p in params:
+        if p["V"].shape[0] != 1:
+            raise ValueError(f"predict_from_stats is for one-layer models; these parameters have "
+                             f"{p['V'].shape[0]} layers")
+    if len(params) > FEATURES_FROM and zq.ndim == 2:
+        C = jnp.stack([_coefficients(p) for p in params], axis=1)  # (F, M)
+        return jnp.expand_dims(norm_factor(n, normalization), -1) * (_features(zq, S) @ C)
+    kq = jnp.stack([effective_kq(p)[0] for p in params])  # (M, H, D, D)
+    v = jnp.stack([value_row(p)[0] for p in params])  # (M, H, D)
+    u = jnp.einsum("...i,mhij->...mhj", zq, kq)
+    Sv = jnp.einsum("...jk,mhk->...mhj", S, v)
     y = jnp.mean(jnp.sum(u * Sv, axis=-1), axis=-1)
-    return jnp.broadcast_to(norm_factor(n, normalization), y.shape) * y
+    return jnp.broadcast_to(jnp.expand_dims(norm_factor(n, normalization), -1), y.shape) * y
 
 
 def predict(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=None) -> jax.Array:
@@ -126,25 +142,18 @@ def outer_sum(Z: jax.Array) -> jax.Array:
     return jnp.sum(Z[..., :, :, None] * Z[..., :, None, :], axis=-3)
 
 
-def stats_features(zq: jax.Array, S: jax.Array) -> jax.Array:
-    """(B, (D-1) * D(D+1)/2) features zq_i S_jk (i < D-1, j <= k) of one-layer prompts.
+FEATURES_FROM = 3  # predict_many_from_stats switches to the feature form above this many models
 
-    The query's label entry zq_{D-1} is zero (SPEC section 2), so its features are dropped.
-    See stats_coefficients.
-    """
+
+def _features(zq: jax.Array, S: jax.Array) -> jax.Array:
+    """(B, (D-1) * D(D+1)/2) features zq_i S_jk (i < D-1, j <= k): the query's label entry
+    zq_{D-1} is zero (SPEC section 2), so its features are dropped."""
     iu = np.triu_indices(S.shape[-1])
-    Su = S[:, iu[0], iu[1]]
-    return (zq[:, :-1, None] * Su[:, None, :]).reshape(zq.shape[0], -1)
+    return (zq[:, :-1, None] * S[:, None, iu[0], iu[1]]).reshape(zq.shape[0], -1)
 
 
-def stats_coefficients(params: Mapping) -> jax.Array:
-    """c with stats_features(zq, S) @ c = (1/H) sum_h zq^T KQ_h S v_h for symmetric S (one layer).
-
-    predict_from_stats without its normalization, written as one matrix product: the features
-    do not depend on the parameters, so several models evaluated on the same prompts (fused
-    methods in linattn.train, many models in linattn.evaluate) share them and each costs one
-    column of a matmul.
-    """
+def _coefficients(params: Mapping) -> jax.Array:
+    """c with _features(zq, S) @ c = (1/H) sum_h zq^T KQ_h S v_h for symmetric S (one layer)."""
     kq, v = effective_kq(params)[0], value_row(params)[0]
     t3 = jnp.mean(kq[:, :, :, None] * v[:, None, None, :], axis=0)  # (D, D, D): i, j, k
     t3 = t3 + jnp.swapaxes(t3, 1, 2)

@@ -520,7 +520,8 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     todo_ft = [p for p in ft_names if not store.has(p)]
     cells = finetune_cells(cfg, todo_ft)
     pre_runs = pretrain_runs(cfg, todo_pre)
-    progress = Progress(sum(r.cfg.steps for r in pre_runs) + len(cells) * cfg.ft_steps)
+    seeds_b = len({c.seed for c in cells})  # stage B's slots: every run of a seed shares its key
+    progress = Progress(_work(pre_runs) + seeds_b * cfg.ft_steps)
     for p in pre_names:
         if p not in todo_pre:
             log(f"{p}: already done, loaded")
@@ -573,12 +574,20 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
 
 
 def _units(runs) -> dict:
-    """Work per step of each group of a plan, in runs (matches linattn.train.plan_groups order)."""
+    """Work per step of each group of a plan (its slots: runs sharing a key share the step), in
+    the order of linattn.train.plan_groups."""
     order: dict = {}
     for r in runs:
-        order.setdefault((r.cfg, id(r.ctx)), 0)
-        order[(r.cfg, id(r.ctx))] += 1
-    return dict(enumerate(order.values()))
+        order.setdefault((r.cfg, id(r.ctx)), set()).add(np.asarray(jax.random.key_data(r.key)
+                                                                     if jax.dtypes.issubdtype(r.key.dtype, jax.dtypes.prng_key)
+                                                                     else r.key).tobytes())
+    return {i: len(keys) for i, keys in enumerate(order.values())}
+
+
+def _work(runs) -> int:
+    """Steps x slots summed over the groups of a plan (the unit of Progress)."""
+    steps = list(dict.fromkeys((r.cfg, id(r.ctx)) for r in runs))
+    return sum(k[0].steps * n for k, n in zip(steps, _units(runs).values()))
 
 
 # ---------------------------------------------------------------- results

@@ -15,7 +15,7 @@ import pytest
 
 from linattn import data as D
 from linattn import evaluate
-from linattn.model import norm_factor, predict, predict_from_stats, stats_coefficients, stats_features
+from linattn.model import predict, predict_from_stats, predict_many_from_stats
 from linattn.params import init_params
 
 D_COV = 4
@@ -132,10 +132,13 @@ def test_second_evaluation_calls_do_not_recompile():
 
 
 @pytest.mark.parametrize("merged,heads,normalization", [(False, 1, "tokens"), (True, 2, "shots"), (False, 3, "tokens")])
-def test_feature_form_of_the_one_layer_prediction_equals_the_model(merged, heads, normalization):
-    p = init_params(jax.random.PRNGKey(5), D_COV, merged=merged, heads=heads, std=0.4)
+def test_many_model_prediction_equals_the_token_model(merged, heads, normalization):
+    """predict_many_from_stats (the form training and evaluation use) equals linattn.model.predict
+    on the very prompts, model by model."""
+    ps = [init_params(jax.random.PRNGKey(5 + i), D_COV, merged=merged, heads=heads, std=0.4) for i in range(3)]
     for n in (0, 1, 7):
-        st = D.sample_prompt_stats(jax.random.PRNGKey(n), n, 50, D_COV)
-        want = predict_from_stats(p, st.zq, st.S, n, normalization=normalization)
-        got = norm_factor(n, normalization) * (stats_features(st.zq, st.S) @ stats_coefficients(p))
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+        Z, _ = D.sample_prompts(jax.random.PRNGKey(n), n, 50, D_COV)
+        got = predict_many_from_stats(ps, Z[:, -1], jnp.einsum("bni,bnj->bij", Z, Z), n, normalization=normalization)
+        for m, p in enumerate(ps):
+            want = predict(p, Z, normalization=normalization)
+            np.testing.assert_allclose(got[:, m], want, rtol=2e-5, atol=2e-6)
