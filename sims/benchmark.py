@@ -162,7 +162,7 @@ def profile(args) -> dict:
 
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.01, momentum=0.9))
     state = opt.init(p)
-    M = 4 * 1000 * 1000
+    M = 630_000  # the size of one token minibatch at n = 20, B = 5000
     normal_ms = _best_ms(jax.jit(lambda k: jax.random.normal(k, (M,))), key)
     p_ = d + 1
     per_prompt = {"tokens": (n + 1) * (d + 1) + d, "stats": d + 1 + p_ + p_ * (p_ - 1) // 2 + d + p_}

@@ -251,10 +251,12 @@ class Progress:
             if now - self.last < 5 and steps_done < steps:
                 return
             self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            left = (self.total - self.done) / rate if rate > 0 else float("nan")
             frac = steps_done / steps
             piece_left = seconds * (1 - frac) / frac if frac > 0 else float("nan")
+            # the rest of this program at its own pace, the work after it at the average pace so far
+            rate = self.done / max(now - self.t0, 1e-9)
+            after = self.total - self.done - units_per_step[group] * (steps - steps_done)
+            left = piece_left + (after / rate if rate > 0 else float("nan"))
             log(f"{name}: program {group + 1}/{groups}, step {steps_done}/{steps}; "
                 f"~{piece_left:.0f} s left in it, ~{left:.0f} s of training left overall")
 
