@@ -109,7 +109,8 @@ def predict_many_from_stats(params: Sequence[Mapping], zq: jax.Array, S: jax.Arr
                              f"{p['V'].shape[0]} layers")
     if len(params) > FEATURES_FROM and zq.ndim == 2:
         C = jnp.stack([_coefficients(p) for p in params], axis=1)  # (F, M)
-        return jnp.expand_dims(norm_factor(n, normalization), -1) * (_features(zq, S) @ C)
+        y = _features(zq, S) @ C
+        return jnp.broadcast_to(jnp.expand_dims(norm_factor(n, normalization), -1), y.shape) * y
     kq = jnp.stack([effective_kq(p)[0] for p in params])  # (M, H, D, D)
     v = jnp.stack([value_row(p)[0] for p in params])  # (M, H, D)
     u = jnp.einsum("...i,mhij->...mhj", zq, kq)
