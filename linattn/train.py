@@ -361,11 +361,13 @@ _EXECUTABLES: dict = {}
 def _compile(prep: dict):
     """The group's step program compiled ahead of time (threads compile groups concurrently),
     cached per program and slot count, so a second plan of the same shapes does not recompile."""
-    if prep["sig"] not in _EXECUTABLES:
+    shapes = jax.tree.structure(prep["args"]), tuple((np.shape(a), str(a.dtype)) for a in jax.tree.leaves(prep["args"]))
+    sig = (prep["sig"], shapes)  # the task context (e.g. the dataset size) is not in the program's signature
+    if sig not in _EXECUTABLES:
         with _x64(prep["x64"]):  # JAX config contexts are per thread
             steps = jnp.arange(prep["chunk"], dtype=jnp.int32)
-            _EXECUTABLES[prep["sig"]] = prep["run"].lower(*prep["args"], steps).compile()
-    return _EXECUTABLES[prep["sig"]]
+            _EXECUTABLES[sig] = prep["run"].lower(*prep["args"], steps).compile()
+    return _EXECUTABLES[sig]
 
 
 def _execute(prep: dict, compiled, on_progress: Optional[Callable], where: tuple) -> dict:

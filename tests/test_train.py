@@ -166,7 +166,16 @@ def test_second_calls_do_not_recompile():
         T.train(jax.random.PRNGKey(seed), p, lr, ctx, ObjectiveConfig(aux_weight=aux), objective="zsfs", subset="v",
                 cfg=cfg, devices=1)
     assert len([k for k in T._PROGRAMS if k[2] == cfg]) == 1
-    assert len([k for k in T._EXECUTABLES if k[0][2] == cfg]) == 1
+    assert len([k for k in T._EXECUTABLES if k[0][0][2] == cfg]) == 1
+
+
+def test_same_program_with_another_dataset_size():
+    """Two task contexts whose datasets differ in size get their own executables."""
+    cfg = T.TrainConfig(steps=3, batch=16, d=3)
+    for size in (500, 700):
+        ctx, p0 = _ft_setup(size=size)
+        res = T.train(jax.random.PRNGKey(0), p0, 0.01, ctx, objective="zsfs", cfg=cfg, devices=1)
+        assert int(res.diverged_at) == -1
 
 
 def test_zs_l2_reads_each_runs_own_reference():
