@@ -240,13 +240,12 @@ class Progress:
         self.total, self.done, self.t0 = max(total_units, 1.0), 0.0, time.time()
         self.last = 0.0
 
-    def stage(self, name: str, units_per_step: dict):
-        """A callback for train_plan: units_per_step maps group index -> work per step."""
+    def stage(self, name: str, units: dict):
+        """A callback for train_plan: units maps group index -> (steps, slots) (see _units)."""
         start = self.done
 
         def report(group, groups, steps_done, steps, seconds):
-            self.done = start + sum(units_per_step[g] * (steps if g < group else 0) for g in units_per_step) \
-                + units_per_step[group] * steps_done
+            self.done = start + sum(n * k for g, (n, k) in units.items() if g < group) + units[group][1] * steps_done
             now = time.time()
             if now - self.last < 5 and steps_done < steps:
                 return
@@ -255,7 +254,7 @@ class Progress:
             piece_left = seconds * (1 - frac) / frac if frac > 0 else float("nan")
             # the rest of this program at its own pace, the work after it at the average pace so far
             rate = self.done / max(now - self.t0, 1e-9)
-            after = self.total - self.done - units_per_step[group] * (steps - steps_done)
+            after = self.total - self.done - units[group][1] * (steps - steps_done)
             left = piece_left + (after / rate if rate > 0 else float("nan"))
             log(f"{name}: program {group + 1}/{groups}, step {steps_done}/{steps}; "
                 f"~{piece_left:.0f} s left in it, ~{left:.0f} s of training left overall")
@@ -576,20 +575,14 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
 
 
 def _units(runs) -> dict:
-    """Work per step of each group of a plan (its slots: runs sharing a key share the step), in
-    the order of linattn.train.plan_groups."""
-    order: dict = {}
-    for r in runs:
-        order.setdefault((r.cfg, id(r.ctx)), set()).add(np.asarray(jax.random.key_data(r.key)
-                                                                     if jax.dtypes.issubdtype(r.key.dtype, jax.dtypes.prng_key)
-                                                                     else r.key).tobytes())
-    return {i: len(keys) for i, keys in enumerate(order.values())}
+    """{group index: (steps, slots)} of a plan, from linattn.train.plan_groups (its slots: runs
+    sharing a key share each step)."""
+    return {i: (g.cfg.steps, g.cells.shape[0]) for i, g in enumerate(T.plan_groups(runs, "mc"))}
 
 
 def _work(runs) -> int:
     """Steps x slots summed over the groups of a plan (the unit of Progress)."""
-    steps = list(dict.fromkeys((r.cfg, id(r.ctx)) for r in runs))
-    return sum(k[0].steps * n for k, n in zip(steps, _units(runs).values()))
+    return sum(steps * slots for steps, slots in _units(runs).values())
 
 
 # ---------------------------------------------------------------- results
