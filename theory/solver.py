@@ -65,7 +65,7 @@ def gradient_flow(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfi
     f = _objective_fn(name, cfg, theta0, noise, sigma, normalization)
     with jax.enable_x64(True):
         p = {k: jnp.asarray(v, jnp.float64) for k, v in res.params.items()}
-        value, grads = jax.value_and_grad(f)(p, 1.0)
+        value, grads = jax.value_and_grad(f)(p, (steps - 1) / max(steps - 1, 1))  # the last step's progress
         gn = trainable_norm(grads, param_labels(p, subset))
     return SolveResult(p, float(gn), float(value), jnp.asarray(res.history))
 
