@@ -23,7 +23,7 @@ import numpy as np
 from linattn import data as D
 from linattn.minibatch import resolve_sampler
 from linattn.model import predict, predict_many_from_stats
-from linattn.objectives import TASK_SOURCES
+from linattn.objectives import task_spec
 from linattn.params import check_params
 
 # the three test tasks of the study (SPEC section 6): name -> task source
@@ -69,23 +69,21 @@ def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noi
       samples: prompts per shot count (rounded up to whole chunks).
       sampler: "tokens", "stats" (one layer only) or "auto" (stats for one layer).
     """
-    return _curves([key], params, shots, [task], noise, samples, chunk, cov_factor, normalization, sampler)[0]
+    return _curves([key], params, shots, [task], noise=noise, samples=samples, chunk=chunk, cov_factor=cov_factor,
+                   normalization=normalization, sampler=sampler)[0]
 
 
 def test_errors(key, params: Mapping, shots: Sequence[int], theta0, **kwargs) -> dict[str, Curve]:
     """Curves on the TEST_TASKS: theta0, -theta0 (unseen in fine-tuning) and fresh unit-sphere tasks,
     in one compiled program. Task i of TEST_TASKS uses the key fold_in(key, i)."""
     theta0 = jnp.asarray(theta0)
-    tasks = [TASK_SOURCES[source](theta0) for source in TEST_TASKS.values()]
-    tasks = ["sphere" if t is None else t for t in tasks]
+    tasks = [task_spec(source, theta0, "sphere") for source in TEST_TASKS.values()]
     keys = [jax.random.fold_in(key, i) for i in range(len(tasks))]
-    opts = {"noise": 0.1, "samples": 20_000, "chunk": 5_000, "cov_factor": None, "normalization": "tokens",
-            "sampler": "auto", **kwargs}
-    curves = _curves(keys, params, shots, tasks, *opts.values())
+    curves = _curves(keys, params, shots, tasks, **{**test_error.__kwdefaults__, **kwargs})
     return dict(zip(TEST_TASKS, curves))
 
 
-def _curves(keys, params, shots, tasks, noise, samples, chunk, cov_factor, normalization, sampler) -> list[Curve]:
+def _curves(keys, params, shots, tasks, *, noise, samples, chunk, cov_factor, normalization, sampler) -> list[Curve]:
     """Curves of every task in `tasks` (strings or fixed vectors), each with its key, one program."""
     many = np.ndim(params["V"]) == 5
     if not many:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from linattn import data as D
 from linattn.model import outer_sum, predict, predict_many_from_stats
-from linattn.objectives import TASK_SOURCES
+from linattn.objectives import TASK_SOURCES, task_spec
 
 
 def resolve_sampler(name: str, one_layer: bool) -> str:
@@ -41,9 +41,7 @@ def _draw(key, shots: int, task: str, cfg, ctx, dtype, sampler: str, tokens: boo
         Z, y = D.sample_from_dataset(key, ctx.dataset, shots, cfg.batch)
         Z = Z.astype(dtype)
         return Z[:, -1], outer_sum(Z), Z, y.astype(dtype)
-    fixed = TASK_SOURCES[task](ctx.theta0)
-    dist = cfg.tasks if fixed is None else fixed
-    args = (key, shots, cfg.batch, cfg.d, dist, cfg.noise, ctx.cov_factor, dtype)
+    args = (key, shots, cfg.batch, cfg.d, task_spec(task, ctx.theta0, cfg.tasks), cfg.noise, ctx.cov_factor, dtype)
     if sampler == "stats" and not tokens:
         zq, S, y = D.SAMPLERS["stats"](*args)
         return zq, S, None, y

@@ -136,6 +136,14 @@ def check_task_source(name: str) -> None:
         raise ValueError(f"task source {name!r} unknown; registered: {sorted(TASK_SOURCES)}")
 
 
+def task_spec(source: str, theta0, random_task):
+    """What prompts of a task source are drawn from: its fixed task (theta0, -theta0, ...), or
+    `random_task` (a distribution name such as "sphere") for sources of fresh random tasks."""
+    check_task_source(source)
+    fixed = TASK_SOURCES[source](theta0)
+    return random_task if fixed is None else fixed
+
+
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"objective {name!r} unknown; registered: {sorted(OBJECTIVES)}")

@@ -36,7 +36,7 @@ import numpy as np
 from linattn.data import check_shots
 from linattn.evaluate import TEST_TASKS
 from linattn.model import check_normalization, norm_factor
-from linattn.objectives import TASK_SOURCES, ObjectiveConfig, check_task_source, evaluate_objective
+from linattn.objectives import ObjectiveConfig, check_task_source, evaluate_objective, task_spec
 from linattn.params import check_params, effective_kq, value_row
 from theory.cubature import smolyak_gauss, sphere_degree5
 
@@ -194,8 +194,7 @@ def _task_spec(task: str, theta0, random_task: Task):
     check_task_source(task)
     if task != "random" and theta0 is None:
         raise ValueError(f"this objective uses the task source {task!r}; pass theta0")
-    fixed = TASK_SOURCES[task](None if theta0 is None else jnp.asarray(theta0, jnp.float64))
-    return random_task if fixed is None else fixed
+    return task_spec(task, None if theta0 is None else jnp.asarray(theta0, jnp.float64), random_task)
 
 
 def make_risk_fn(theta0, noise=0.1, sigma=None, normalization: str = "tokens", random_task: Task = "sphere"):
