@@ -36,6 +36,8 @@ def style(name: str, info: dict | None = None) -> dict:
         return {"color": "black", "ls": "-", "marker": "o"}
     if "replay" in name:
         return {"color": "#e08214", "ls": "-.", "marker": "D"}
+    if "l2" in name:
+        return {"color": "#8c510a", "ls": ":", "marker": "v"}
     subset = name.rsplit("_", 1)[-1]
     fs = "zsfs" in name
     return {"color": HUES[subset][1 if fs else 0], "ls": "--" if fs else "-", "marker": "s" if fs else "o"}
@@ -197,7 +199,7 @@ def _methods_of(res, model):
 
 def fig_methods(res, arr, out):
     shots = arr["shots"]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.4), sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.4), sharex=True)
     for r, model in enumerate(("merged", "separate")):
         for t, task in enumerate(res["tasks"]):
             ax = axes[r, t]
@@ -214,7 +216,7 @@ def fig_methods(res, arr, out):
                 ax.set_xlabel("shots n")
             if t == 0:
                 ax.set_ylabel("test error (simulation)")
-        axes[r, 2].legend(fontsize=6.5, loc="upper right", ncol=2)
+        axes[r, 2].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Every method (lines: seed mean; bands: range over seeds)", y=1.0)
     save(fig, out, "fig5_methods")
 
@@ -227,7 +229,9 @@ def fig_losses(res, arr, out):
         x = (np.arange(h.shape[1]) + 0.5) * cfg["train"]["steps"] / h.shape[1]
         ls = "-" if name == "pretrained" else "--"
         axes[0].plot(x, h.mean(0), color="k", ls=ls, label="merged" if name == "pretrained" else "separate")
-    axes[0].set(title=f"pretraining loss ({cfg['objective']['m']}-shot, random tasks)", xlabel="step", yscale="log")
+    axes[0].set(title=f"pretraining loss ({cfg['objective']['m']}-shot, random tasks)", xlabel="step", yscale="log",
+                ylabel="training loss (seed mean)")
+    axes[0].legend(fontsize=7)
     for k, model in enumerate(("merged", "separate")):
         ax = axes[k + 1]
         for name in _methods_of(res, model):
@@ -242,7 +246,7 @@ def fig_losses(res, arr, out):
         ax.axhline(cfg["train"]["noise"], color="gray", lw=0.6, ls=":")
         ax.set(title=f"fine-tuning objective ({'merged KQ' if model == 'merged' else 'separate K, Q'})", xlabel="step",
                yscale="log")
-        ax.legend(fontsize=6.5, ncol=2)
+        ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     for ax in axes:
         ax.title.set_fontsize(9)
     save(fig, out, "fig6_losses")
