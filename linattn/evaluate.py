@@ -2,14 +2,17 @@
 
 Shape notation: S shot counts, C chunks of b prompts, N_max = max shots + 1 tokens, M models.
 
-Several models (parameter trees stacked on a leading axis M) are evaluated on the same prompts:
-each chunk is drawn once, and one-layer models share its two matrix products
-(linattn.model.predict_many_from_stats), so the curves of every method of a seed cost about one.
+Several models (parameter trees stacked on a leading axis M) are evaluated on the same prompts,
+and every shot count of a chunk reads the same prompts: the token sampler is nested in n
+(linattn.data.sample_prompts), so one prompt of N_max - 1 demonstrations gives the n-shot prompt
+of every n as its first n demonstrations. One-layer models read all prefixes at once
+(linattn.model.predict_prefixes); deeper models see the prompt with demonstrations past n zeroed,
+which a linear attention layer ignores when told the true n. Each point is still an average of
+independent prompts with its own standard error; points at different n share prompts (common
+random numbers), which makes differences between shot counts less noisy.
 
-Prompts of every shot count share one shape: demonstrations past n are all-zero tokens, which a
-linear attention layer ignores when told the true n (linattn.model), so the whole curve is one
-compiled program mapped over shot counts and chunks. One-layer models can use the sufficient-
-statistic sampler instead, whose cost does not grow with n.
+The statistics sampler ("stats", one layer) draws each shot count's prompts separately at a cost
+independent of n; "auto" takes it when few shot counts are asked for at a large n.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from linattn import data as D
 from linattn.minibatch import resolve_sampler
-from linattn.model import predict, predict_many_from_stats
+from linattn.model import predict, predict_many_from_stats, predict_prefixes
 from linattn.objectives import task_spec
 from linattn.params import check_params
 
@@ -38,23 +41,50 @@ class Curve(NamedTuple):
     se: np.ndarray  # (S,) its standard error (zeros for exact theory)
 
 
-def _chunk_errors(params, key, n, nmax: int, b: int, d: int, task, noise, cov_factor, normalization, sampler):
-    """Means and sums of squared deviations (M,) of b squared errors at n shots for M stacked
-    models (n may be traced)."""
-    dtype = params["V"].dtype
-    if sampler == "stats":
-        zq, S, y = D.sample_prompt_stats(key, n, b, d, task, noise, cov_factor, dtype)
-        M = params["V"].shape[0]
-        pred = predict_many_from_stats([jax.tree.map(lambda a, i=i: a[i], params) for i in range(M)], zq, S, n,
-                                       normalization=normalization).astype(dtype)
-    else:
-        Z, y = D.sample_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)
-        keep = (jnp.arange(nmax + 1) >= nmax - n)  # the last n demonstrations and the query
-        Z = jnp.where(keep[None, :, None], Z, 0.0)
-        pred = jax.vmap(lambda p: predict(p, Z, normalization=normalization, n=n), out_axes=1)(params)
-    err = (pred - y[:, None]) ** 2  # (b, M)
+def _errors(pred, y):
+    """Means and sums of squared deviations over the prompt axis 0 of squared errors."""
+    err = (pred - y) ** 2
     mean = jnp.mean(err, axis=0)
-    return mean, jnp.sum((err - mean[None, :]) ** 2, axis=0)
+    return mean, jnp.sum((err - mean[None]) ** 2, axis=0)
+
+
+def _chunk_errors(params, key, shots, nmax: int, b: int, d: int, task, noise, cov_factor, normalization, sampler):
+    """Means and sums of squared deviations (S, M) of b squared errors at each of the S shot counts
+    (a traced int array) for M stacked models, on one chunk's prompts."""
+    dtype = params["V"].dtype
+    M, L = params["V"].shape[:2]
+    models = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(M)]
+    if sampler == "stats":
+        def at(n):
+            zq, S, y = D.sample_prompt_stats(jax.random.fold_in(key, n), n, b, d, task, noise, cov_factor, dtype)
+            pred = predict_many_from_stats(models, zq, S, n, normalization=normalization).astype(dtype)
+            return _errors(pred, y[:, None])
+        return jax.lax.map(at, shots)
+    Z, y = D.sample_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)
+    if L == 1:
+        pred = predict_prefixes(models, Z, normalization=normalization).astype(dtype)  # (b, N_max, M)
+        return _errors(pred[:, shots], y[:, None, None])
+
+    def at(n):
+        Zn = jnp.where((jnp.arange(nmax + 1) < n) | (jnp.arange(nmax + 1) == nmax), 1.0, 0.0)[None, :, None] * Z
+        pred = jax.vmap(lambda p: predict(p, Zn, normalization=normalization, n=n), out_axes=1)(params)
+        return _errors(pred, y[:, None])
+    return jax.lax.map(at, shots)
+
+
+def _stats_draws(d: int) -> int:
+    """Random numbers per prompt of the statistics sampler, a chi-square counted as two."""
+    p = d + 1
+    return d + 1 + p + p * (p - 1) // 2 + 2 * p
+
+
+def choose_sampler(sampler: str, one_layer: bool, shots, d: int) -> str:
+    """Evaluation's sampler: "auto" -> the nested token prompts unless one-layer statistics drawn per
+    shot count cost fewer random numbers ((N_max)(d + 1) against S times _stats_draws(d))."""
+    if sampler != "auto":
+        return resolve_sampler(sampler, one_layer)
+    nested = (int(np.max(shots)) + 1) * (d + 1)
+    return "stats" if one_layer and len(shots) * _stats_draws(d) < nested else "tokens"
 
 
 def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noise: float = 0.1,
@@ -63,11 +93,13 @@ def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noi
     """Monte Carlo test error E[(y_hat - y_q)^2] at each shot count, with standard errors.
 
     Args:
-      key: PRNG key; shot count n uses fold_in(key, n), so a point does not depend on the list.
+      key: PRNG key; chunk c uses fold_in(key, c) for every shot count (the statistics sampler
+        folds in n too), so with a given sampler a point does not depend on the list of shots.
       params: one parameter tree, or M trees stacked on a leading axis (then mean and se are (M, S)).
       task: "sphere", "gaussian" (fresh task per prompt) or a fixed (d,) vector such as theta0.
       samples: prompts per shot count (rounded up to whole chunks).
-      sampler: "tokens", "stats" (one layer only) or "auto" (stats for one layer).
+      sampler: "tokens" (nested prompts shared by the shot counts), "stats" (one layer only) or
+        "auto" (choose_sampler).
     """
     return _curves([key], params, shots, [task], noise=noise, samples=samples, chunk=chunk, cov_factor=cov_factor,
                    normalization=normalization, sampler=sampler)[0]
@@ -94,7 +126,7 @@ def _curves(keys, params, shots, tasks, *, noise, samples, chunk, cov_factor, no
         raise ValueError("need at least one shot count")
     L, _, width, _ = params["V"].shape[1:]
     d = width - 2
-    sampler = resolve_sampler(sampler, L == 1)
+    sampler = choose_sampler(sampler, L == 1, shots, d)
     b = min(chunk, samples)
     n_chunks = -(-samples // b)
     nmax = int(shots.max())
@@ -109,7 +141,8 @@ def _curves(keys, params, shots, tasks, *, noise, samples, chunk, cov_factor, no
     random = jnp.asarray([isinstance(t, str) for t in tasks])
     means, ss = _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler, kind)(
         params, jnp.stack(keys), jnp.asarray(shots), thetas, random, cov_factor)
-    means, ss = np.asarray(means, np.float64), np.asarray(ss, np.float64)  # (T, S, C, M)
+    means = np.swapaxes(np.asarray(means, np.float64), 1, 2)  # (T, S, C, M)
+    ss = np.swapaxes(np.asarray(ss, np.float64), 1, 2)
     # combine equal chunks: total variance = within-chunk + between-chunk parts
     total = n_chunks * b
     mean = means.mean(axis=2)
@@ -122,7 +155,7 @@ _PROGRAMS: dict = {}
 
 
 def _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler, kind: str):
-    """One jitted program per static shape: lax.map over tasks, shot counts and chunks.
+    """One jitted program per static shape: lax.map over tasks and chunks (shot counts inside).
 
     Task t draws its prompts' tasks from `kind` where random[t], else uses thetas[t]; both paths
     share one body, so the program is compiled once whatever the tasks.
@@ -135,16 +168,12 @@ def _curve_program(d, b, n_chunks, nmax, noise, normalization, sampler, kind: st
         def per_task(args):
             key, theta, rand = args
 
-            def per_chunk(k_n, c, n):
-                k_task, k = jax.random.split(jax.random.fold_in(k_n, c))
+            def per_chunk(c):
+                k_task, k = jax.random.split(jax.random.fold_in(key, c))
                 task = jnp.where(rand, D.sample_tasks(k_task, b, d, kind, theta.dtype), theta[None, :])
-                return _chunk_errors(params, k, n, nmax, b, d, task, noise, cov_factor, normalization, sampler)
+                return _chunk_errors(params, k, shots, nmax, b, d, task, noise, cov_factor, normalization, sampler)
 
-            def per_shot(n):
-                k_n = jax.random.fold_in(key, n)
-                return jax.lax.map(lambda c: per_chunk(k_n, c, n), jnp.arange(n_chunks))
-
-            return jax.lax.map(per_shot, shots)
+            return jax.lax.map(per_chunk, jnp.arange(n_chunks))  # (C, S, M)
 
         return jax.lax.map(per_task, (keys, thetas, random))
 

@@ -119,6 +119,27 @@ def predict_many_from_stats(params: Sequence[Mapping], zq: jax.Array, S: jax.Arr
     return jnp.broadcast_to(jnp.expand_dims(norm_factor(n, normalization), -1), y.shape) * y
 
 
+def predict_prefixes(params: Sequence[Mapping], Z: jax.Array, *, normalization: str = "tokens"):
+    """One-layer predictions of M models at every prefix of the demonstrations: (B, N, M).
+
+    Z (B, N, D) holds N - 1 demonstrations and the query (last). Entry [:, n] is
+    predict_many_from_stats at S_n = zq zq^T + sum_{j<n} z_j z_j^T, the n-shot prompt made of the
+    first n demonstrations. The prediction is linear in S, so it is the query's term plus a cumulative
+    sum of per-demonstration terms (zq^T KQ_h z_j)(z_j . v_h): O(N M H D) per prompt.
+    """
+    for p in params:
+        if p["V"].shape[0] != 1:
+            raise ValueError(f"predict_prefixes is for one-layer models; these parameters have {p['V'].shape[0]} layers")
+    kq = jnp.stack([effective_kq(p)[0] for p in params])  # (M, H, D, D)
+    v = jnp.stack([value_row(p)[0] for p in params])  # (M, H, D)
+    zq = Z[:, -1]
+    w = jnp.einsum("bi,mhij->bmhj", zq, kq)
+    terms = jnp.mean(jnp.einsum("bmhj,bnj->bnmh", w, Z) * jnp.einsum("mhj,bnj->bnmh", v, Z), axis=-1)  # (B, N, M)
+    demos = jnp.cumsum(terms[:, :-1], axis=1)
+    y = terms[:, -1:] + jnp.concatenate([jnp.zeros_like(terms[:, :1]), demos], axis=1)
+    return norm_factor(jnp.arange(Z.shape[1]), normalization)[None, :, None].astype(y.dtype) * y
+
+
 def predict(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=None) -> jax.Array:
     """The query's predicted label, shape Z.shape[:-2].
 

@@ -36,3 +36,13 @@ def test_multilayer_curve_and_bad_input():
         evaluate.test_error(jax.random.PRNGKey(1), p, [0, -3], "sphere")
     with pytest.raises(ValueError, match="one-layer"):
         evaluate.test_error(jax.random.PRNGKey(1), p, [0, 1], "sphere", sampler="stats")
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_point_does_not_depend_on_the_other_shot_counts(layers):
+    p = P.init_params(jax.random.PRNGKey(0), 3, layers=layers, std=0.3)
+    key, theta = jax.random.PRNGKey(4), jnp.array([0.6, 0.0, 0.8])
+    few = evaluate.test_error(key, p, [3], theta, samples=256, chunk=128, sampler="tokens")
+    many = evaluate.test_error(key, p, [0, 3, 9], theta, samples=256, chunk=128, sampler="tokens")
+    np.testing.assert_allclose(few.mean[0], many.mean[1], rtol=1e-5)
+    np.testing.assert_allclose(few.se[0], many.se[1], rtol=1e-5)

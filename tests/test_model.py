@@ -101,3 +101,17 @@ def test_bad_shapes_raise_clear_errors():
         model.predict(p, _prompts(jax.random.PRNGKey(1), d=3).Z, normalization="bogus")
     with pytest.raises(ValueError, match="got -1"):
         data.sample_prompts(jax.random.PRNGKey(0), -1, 2, 3)
+
+
+def test_predict_prefixes_is_the_prediction_of_every_prefix():
+    from linattn.data import prompt_stats, sample_prompts
+    from linattn.model import predict_many_from_stats, predict_prefixes
+
+    ps = [P.init_params(jax.random.PRNGKey(i), 3, heads=2, std=0.5, merged=bool(i % 2)) for i in range(4)]
+    Z, _ = sample_prompts(jax.random.PRNGKey(9), 6, 16, 3)
+    got = predict_prefixes(ps, Z, normalization="shots")
+    for n in range(7):
+        Zn = jnp.concatenate([Z[:, :n], Z[:, -1:]], axis=1)
+        zq, S = prompt_stats(Zn)
+        want = predict_many_from_stats(ps, zq, S, n, normalization="shots")
+        np.testing.assert_allclose(got[:, n], want, rtol=2e-5, atol=2e-6)
