@@ -1,6 +1,6 @@
 """The forgetting study: pretrain, fine-tune with every method, evaluate against exact theory.
 
-    python -m sims.forgetting --quick            # the README's main job (< 1 min on 2 CPU cores)
+    python -m sims.forgetting --quick            # the README's main job (a few minutes on 2 CPU cores)
     python -m sims.forgetting --full             # reference protocol (SPEC section 3), 5 seeds
     python -m sims.forgetting --full --batch 2000 --out runs/mine   # any field can be overridden
     python -m sims.plot DIR                      # redraw the figures from DIR/results.*
@@ -23,8 +23,8 @@ fold_in(root, purpose)[, seed].
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -86,9 +86,11 @@ class StudyConfig:
         return self.train.noise
 
     def name(self) -> str:
+        """Default run folder name: preset, main sizes, and the methods when a subset is chosen."""
         t = self.train
+        only = f"_only-{'+'.join(self.methods)}" if self.methods else ""
         return (f"forgetting_{self.preset}_d{t.d}_steps{t.steps}_ft{self.ft_steps}_b{t.batch}"
-                f"_nft{self.objective.n_ft}_s{self.seeds}_seed{self.seed}")
+                f"_nft{self.objective.n_ft}_s{self.seeds}_seed{self.seed}{only}")
 
     def to_json(self) -> dict:
         def plain(v):
@@ -146,9 +148,31 @@ def _methods() -> tuple[Method, ...]:
     return tuple(out)
 
 
-METHODS = _methods()
+METHODS: list[Method] = list(_methods())  # the study's methods, in order; register_method adds to it
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 PRETRAINED = {"merged": "pretrained", "separate": "sep_pretrained"}
+MODEL_SUBSETS = {"merged": ("all", "kq", "v"), "separate": ("all", "k", "q", "v")}  # subsets with leaves to train
+
+
+def register_method(method: Method) -> Method:
+    """Add a fine-tuning method to the study: `--methods`, every figure and results.json then know it.
+
+    The objective must be registered (linattn.objectives) and the subset valid for the model.
+    """
+    from linattn.objectives import get_objective
+
+    if method.name in METHOD_BY_NAME or method.name in PRETRAINED.values():
+        raise ValueError(f"method {method.name!r} is already registered")
+    if method.model not in PRETRAINED:
+        raise ValueError(f"method {method.name!r}: model {method.model!r} unknown; allowed: {list(PRETRAINED)}")
+    get_objective(method.objective)
+    allowed = MODEL_SUBSETS[method.model]
+    if method.subset not in allowed:
+        raise ValueError(f"method {method.name!r}: subset {method.subset!r} unknown for the {method.model} model; "
+                         f"allowed: {allowed}")
+    METHODS.append(method)
+    METHOD_BY_NAME[method.name] = method
+    return method
 
 
 # ---------------------------------------------------------------- keys, progress, storage
@@ -471,24 +495,83 @@ def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0
 # ---------------------------------------------------------------- the study driver
 def selected_methods(cfg: StudyConfig) -> tuple[Method, ...]:
     """The methods a config runs: cfg.methods (plus what the sweeps and theory families need), or all."""
+    _check_names("methods", cfg.methods)
+    _check_names("sweep_methods", cfg.sweep_methods)
     if not cfg.methods:
-        return METHODS
-    unknown = [n for n in cfg.methods if n not in METHOD_BY_NAME]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; allowed: {[m.name for m in METHODS]}")
+        return tuple(METHODS)
     wanted = set(cfg.methods) | set(cfg.sweep_methods) | {"zs_all", "zsfs_v"}
     return tuple(m for m in METHODS if m.name in wanted)
 
 
-def check_config(out: Path, cfg: StudyConfig) -> None:
+def _check_names(field: str, names) -> None:
+    unknown = [n for n in names if n not in METHOD_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} in {field}; allowed: {[m.name for m in METHODS]}")
+
+
+def check_study(cfg: StudyConfig) -> None:
+    """ValueError naming the first bad setting of a study and what is allowed (before any work).
+
+    TrainConfig and ObjectiveConfig check their own fields when built."""
+    selected_methods(cfg)
+    for f in ("ft_steps", "seeds", "dataset", "eval_samples", "eval_chunk", "sweep_seeds", "d_steps", "d_seeds"):
+        if int(getattr(cfg, f)) < 1:
+            raise ValueError(f"{f} must be an integer >= 1; got {getattr(cfg, f)}")
+    if not (np.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a finite number > 0; got {cfg.lr}")
+    if not (np.isfinite(cfg.objective.l2) and cfg.objective.l2 >= 0):
+        raise ValueError(f"l2 must be a finite number >= 0; got {cfg.objective.l2}")
+    if cfg.max_shots < max(cfg.objective.n_ft, cfg.objective.m):
+        raise ValueError(f"max_shots must be >= n_ft and m (the figures read those shots); got {cfg.max_shots} "
+                         f"with n_ft {cfg.objective.n_ft}, m {cfg.objective.m}")
+    for f in ("sweep_weights", "frontier_weights"):
+        bad = [w for w in getattr(cfg, f) if not (np.isfinite(w) and w > 0)]
+        if bad:
+            raise ValueError(f"{f} must be finite numbers > 0; got {bad}")
+    if cfg.sweep_methods and not (cfg.sweep_weights and cfg.frontier_weights):
+        raise ValueError("sweep_methods need at least one sweep weight and one frontier weight; "
+                         f"got sweep_weights {list(cfg.sweep_weights)}, frontier_weights {list(cfg.frontier_weights)}")
+    if cfg.sweep_seeds > cfg.seeds:
+        raise ValueError(f"sweep_seeds must be <= seeds (a sweep starts from those seeds' pretrained weights); "
+                         f"got {cfg.sweep_seeds} > {cfg.seeds}")
+    bad = [d for d in cfg.pretrain_ds if int(d) < 1 or int(d) == cfg.d]
+    if bad or len(set(cfg.pretrain_ds)) != len(cfg.pretrain_ds):
+        raise ValueError(f"pretrain_ds must be distinct dimensions >= 1 other than d = {cfg.d}; "
+                         f"got {list(cfg.pretrain_ds)}")
+
+
+def check_out(out: Path) -> None:
+    """ValueError if `out` cannot be a run folder (a file, or inside a file)."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out {str(out)!r}: {str(p)!r} is a file, not a folder")
+
+
+def _refuse_other_config(out: Path, cfg: StudyConfig) -> None:
     path = out / "config.json"
     if path.exists():
-        old = json.loads(path.read_text()).get("config", {})
-        new = cfg.to_json()
-        diff = [k for k in new if old.get(k) != new[k]]
+        diff = _config_diff(json.loads(path.read_text()).get("config", {}), cfg.to_json())
         if diff:
-            raise ValueError(f"{out} holds a run with a different config ({', '.join(diff)} differ); "
+            raise ValueError(f"{out} holds a run with a different config ({'; '.join(diff)}); "
                              "choose another --out or delete the folder")
+
+
+def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
+    """'field: saved -> new' for every (nested) field that differs."""
+    out = []
+    for k in new:
+        a, b = old.get(k), new[k]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} in the folder, {b} now")
+    return out
+
+
+def check_config(out: Path, cfg: StudyConfig) -> None:
+    """Refuse a folder holding another config; write DIR/config.json."""
+    _refuse_other_config(out, cfg)
+    path = out / "config.json"
     path.write_text(json.dumps({"config": cfg.to_json(), "root_seed": cfg.seed, "versions": versions()}, indent=1))
 
 
@@ -501,6 +584,9 @@ def piece_names(cfg) -> tuple[list, list]:
 def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: bool = True, devices=None) -> dict:
     """Run (or resume) the whole study into `out`; returns the results dictionary."""
     out = Path(out)
+    check_study(cfg)
+    check_out(out)
+    _refuse_other_config(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, cfg)
     store = Store(out)
@@ -676,37 +762,108 @@ def build_config(args) -> StudyConfig:
                                objective=dataclasses.replace(base.objective, **nested["objective"]), **over)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sims.forgetting", description=__doc__.split("\n")[0])
+HELP = {  # what each study field is; --help adds its --quick and --full values
+    "seed": "root seed: every PRNG key is folded from it",
+    "ft_steps": "optimizer steps of each fine-tuning method",
+    "lr": "learning rate of pretraining and fine-tuning (SGD, momentum 0.9, clip 1.0)",
+    "seeds": "training seeds",
+    "dataset": "size of the fine-tuning dataset drawn from theta0",
+    "max_shots": "test curves at n = 0..MAX_SHOTS shots (>= n_ft and m)",
+    "eval_samples": "test prompts per seed, task and shot count",
+    "eval_chunk": "test prompts per compiled evaluation chunk",
+    "sweep_methods": "methods re-trained at the --sweep-weights (names as for --methods)",
+    "sweep_weights": "auxiliary weights of the sweep (the main run uses 1)",
+    "sweep_seeds": "seeds of the sweep (<= --seeds)",
+    "frontier_weights": "auxiliary weights of the theory frontier (gradient flow) in fig8",
+    "pretrain_ds": "extra covariate dimensions pretrained for fig1",
+    "d_steps": "pretraining steps at those dimensions",
+    "d_seeds": "seeds at those dimensions",
+    "methods": "fine-tuning methods to run (none given: all); the theory figures add zs_all and zsfs_v",
+    "steps": "pretraining steps",
+    "batch": "prompts per risk term and step",
+    "d": "covariate dimension",
+    "noise": "label-noise variance sigma^2",
+    "m": "demonstrations per pretraining prompt",
+    "n_ft": "demonstrations in the few-shot (auxiliary) term",
+    "l2": "strength of the pull toward the pretrained weights (zs_l2)",
+}
+
+
+def _flat_value(cfg: StudyConfig, name: str):
+    if name in NESTED:
+        g, f = NESTED[name]
+        return getattr(getattr(cfg, g), f)
+    return getattr(cfg, name)
+
+
+def _show(v) -> str:
+    if isinstance(v, tuple):
+        return " ".join(map(str, v)) if v else "none"
+    return str(v)
+
+
+def parser():
+    """The CLI: presets, run options and one flag per study field (help shows both presets' values)."""
+    from linattn.cli import Parser, non_negative, positive
+
+    p = Parser(prog="python -m sims.forgetting", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="small run, under a minute on 2 CPU cores (default)")
-    g.add_argument("--full", action="store_true", help="reference protocol: 5000 steps, batch 5000, 5 seeds")
-    p.add_argument("--out", default=None, help="run folder (default runs/<name from hyperparameters>)")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many new pieces (test resume)")
+    g.add_argument("--quick", action="store_true", help="small run (the default when neither preset is given)")
+    g.add_argument("--full", action="store_true", help="the reference protocol (SPEC section 3): 5000 steps, batch 5000, 5 seeds")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<name from the preset, sizes and --methods>)")
+    p.add_argument("--stop-after", type=positive(int), default=None, help="stop after this many new pieces (tests resuming)")
     p.add_argument("--no-figures", action="store_true", help="skip drawing (python -m sims.plot DIR draws later)")
-    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (your objectives, task sources and register_method calls); repeatable")
+    p.add_argument("--devices", type=positive(int), default=None,
+                   help=f"use the first N local devices (default: all {jax.local_device_count()})")
+    quick, full = PRESETS["quick"], PRESETS["full"]
+    floats = {"lr", "noise", "l2", "sweep_weights", "frontier_weights"}
     for name, default in FLAT.items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(default, tuple):
-            typ = float if default and isinstance(default[0], float) else (int if default and isinstance(default[0], int) else str)
-            p.add_argument(flag, type=typ, nargs="*", default=None, help=f"override (default {default})")
-        else:
-            p.add_argument(flag, type=type(default), default=None, help=f"override (default {default})")
+        q, f = _flat_value(quick, name), _flat_value(full, name)
+        vals = f"default {_show(q)} (--quick), {_show(f)} (--full)" if q != f else f"default {_show(q)}"
+        if name == "methods":
+            vals = "default: all"
+        if name in ("methods", "sweep_methods"):
+            vals += f"; allowed: {' '.join(m.name for m in METHODS)}"
+        typ = float if name in floats else (str if name in ("methods", "sweep_methods") else int)
+        if name in ("seed", "noise", "l2"):
+            typ = non_negative(typ)
+        elif typ is not str and name not in ("sweep_weights", "frontier_weights"):
+            typ = positive(typ) if name != "max_shots" else non_negative(int)
+        kw = {"nargs": "*", "metavar": name.upper()} if isinstance(default, tuple) else {}
+        p.add_argument(flag, type=typ, default=None, help=f"{HELP[name]}; {vals}", **kw)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if not args.full:
         args.quick = True
-    t0 = time.time()
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            p.error(f"--import {module!r}: {err} (allowed: a module importable from the working directory)")
+    if args.devices is not None and args.devices > jax.local_device_count():
+        p.error(f"--devices {args.devices}: allowed 1..{jax.local_device_count()} (local devices)")
     try:
         cfg = build_config(args)
         out = Path(args.out) if args.out else Path("runs") / cfg.name()
-        log(f"run folder {out}; config {json.dumps(cfg.to_json())}")
+        check_study(cfg)
+        check_out(out)
+        _refuse_other_config(out, cfg)
+    except (ValueError, TypeError) as err:
+        p.error(str(err))
+    t0 = time.time()
+    log(f"run folder {out}; config {json.dumps(cfg.to_json())}")
+    try:
         run_study(cfg, out, stop_after=args.stop_after, figures=not args.no_figures, devices=args.devices)
     except StopRequested as err:
         log(str(err))
         return 3
-    except (ValueError, TypeError) as err:
-        print(f"python -m sims.forgetting: error: {err}", file=sys.stderr)
-        return 2
     log(f"finished in {time.time() - t0:.0f} s; results in {out}/results.json, figures in {out}/")
     return 0
 

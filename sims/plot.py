@@ -2,9 +2,10 @@
 
     python -m sims.plot DIR      # DIR holds results.json and results.npz from sims.forgetting
 
-Every figure is written as DIR/NAME.png and DIR/NAME.pdf. Colours: one hue per trainable subset
-(all red, KQ/K blue, Q purple, V green), dark solid for ZS, light dashed for ZS+FS, orange for the
-replay objective, black for the pretrained model; the same in every figure.
+Every figure is written as DIR/NAME.png and DIR/NAME.pdf. Styles come from one registry (STYLES,
+register_style): one hue per trainable subset (all red, KQ/K blue, Q purple, V green), dark solid
+for ZS, light dashed for ZS+FS, orange for replay, brown for L2, black for the pretrained models;
+markers tell merged from separate models; every method, a user's too, gets its own colour and marker.
 """
 
 from __future__ import annotations
@@ -30,17 +31,47 @@ FIGURES = ("fig1_pretrained_by_d", "fig2_zs_family", "fig3_value_family", "fig4_
            "fig6_losses", "fig7_heatmaps_merged", "fig7_heatmaps_separate", "fig8_frontier")
 
 
-def style(name: str, info: dict | None = None) -> dict:
-    """Colour, line style and marker of a method (consistent across figures)."""
-    if name.endswith("pretrained"):
-        return {"color": "black", "ls": "-", "marker": "o"}
-    if "replay" in name:
-        return {"color": "#e08214", "ls": "-.", "marker": "D"}
-    if "l2" in name:
-        return {"color": "#8c510a", "ls": ":", "marker": "v"}
-    subset = name.rsplit("_", 1)[-1]
-    fs = "zsfs" in name
-    return {"color": HUES[subset][1 if fs else 0], "ls": "--" if fs else "-", "marker": "s" if fs else "o"}
+def _builtin_styles() -> dict:
+    """The study's methods: hue = trainable subset (dark for ZS, light for ZS+FS), marker = model and
+    objective (merged: o ZS, s ZS+FS; separate: ^ ZS, v ZS+FS), black for the pretrained models."""
+    out = {"pretrained": {"color": "black", "ls": "-", "marker": "o"},
+           "sep_pretrained": {"color": "#555555", "ls": "--", "marker": "^"},
+           "zs_replay_all": {"color": "#e08214", "ls": "-.", "marker": "D"},
+           "zs_l2_all": {"color": "#8c510a", "ls": ":", "marker": "P"}}
+    for sep, markers in (("", ("o", "s")), ("sep_", ("^", "v"))):
+        for subset, (dark, light) in HUES.items():
+            out[f"{sep}zs_{subset}"] = {"color": dark, "ls": "-", "marker": markers[0]}
+            out[f"{sep}zsfs_{subset}"] = {"color": light, "ls": "--", "marker": markers[1]}
+    return out
+
+
+STYLES: dict[str, dict] = _builtin_styles()  # method name -> {"color", "ls", "marker"}; register_style adds
+EXTRA_COLORS = ("#17becf", "#e377c2", "#bcbd22", "#9467bd", "#7f7f7f", "#d62728", "#2ca02c", "#1f77b4")
+EXTRA_MARKERS = ("X", "*", "h", "<", ">", "p", "d", "H")
+
+
+def register_style(name: str, color: str | None = None, ls: str = "-.", marker: str | None = None) -> dict:
+    """Give a method its style in every figure. Colour and marker left out: the first (colour, marker)
+    pair of EXTRA_COLORS x EXTRA_MARKERS that no registered method uses."""
+    if name in STYLES:
+        raise ValueError(f"method {name!r} already has a style; registered: {sorted(STYLES)}")
+    used = {(s["color"], s["marker"]) for s in STYLES.values()}
+    if color is None or marker is None:
+        free = [(c, m) for i in range(len(EXTRA_MARKERS)) for c, m in zip(EXTRA_COLORS, EXTRA_MARKERS[i:] + EXTRA_MARKERS[:i])
+                if (color or c, marker or m) not in used]
+        if not free:
+            raise ValueError(f"no free colour and marker left for {name!r}; pass color= and marker=")
+        color, marker = color or free[0][0], marker or free[0][1]
+    if (color, marker) in used:
+        raise ValueError(f"colour {color} with marker {marker!r} is already used; pick another for {name!r}")
+    STYLES[name] = {"color": color, "ls": ls, "marker": marker}
+    return STYLES[name]
+
+
+def style(name: str) -> dict:
+    """Colour, line style and marker of a method, the same in every figure (unknown methods are
+    registered on first use with a free colour and marker)."""
+    return STYLES[name] if name in STYLES else register_style(name)
 
 
 def label(name: str, res: dict) -> str:
@@ -264,7 +295,7 @@ def fig_heatmaps(res, arr, out, model):
 
     all_m = [mats(n) for n in names]
     vmax = max(max(np.abs(a).max(), np.abs(b).max()) for a, b in all_m)
-    fig, axes = plt.subplots(2, len(names), figsize=(1.55 * len(names) + 1, 3.6))
+    fig, axes = plt.subplots(2, len(names), figsize=(1.55 * len(names) + 1, 3.6), squeeze=False)
     for j, (name, (kq, v)) in enumerate(zip(names, all_m)):
         for i, (mat, what) in enumerate(((kq, "KQ"), (v, "V"))):
             ax = axes[i, j]
@@ -321,15 +352,28 @@ def fig_frontier(res, arr, out):
     save(fig, out, "fig8_frontier")
 
 
-def agreement_table(res) -> str:
-    """Markdown table: for each method and task, the largest gap over shots 0..max in standard errors.
+AGREEMENT_INTRO = """\
+# Theory vs simulation, in standard errors
 
-    sim-theory: Monte Carlo mean minus the exact risk of the same trained weights, in Monte Carlo SEs
-    (seed variation cancels). sim-prediction: Monte Carlo mean minus the exact risk of the predicted
-    weights (gradient flow, or the closed-form optimum for the pretrained rows), in total SEs
-    (Monte Carlo and seed spread), with the largest relative gap.
-    """
-    lines = ["| method | task | max abs(sim - theory) / SE_mc | max abs(sim - prediction) / SE | at n | max rel. gap to prediction |",
+One row per method and test task; each number is the worst case over the shot counts n = 0..{max_shots}.
+- **max abs(sim - theory) / SE_mc**: the Monte Carlo test error (seed mean) against the exact risk
+  (theory.risk) of the *same trained weights*, in Monte Carlo standard errors. Seed-to-seed variation
+  cancels, so this checks the simulator and the theory against each other; |z| up to about 4 is what
+  noise gives over many comparisons.
+- **max abs(sim - prediction) / SE**: the same Monte Carlo error against the exact risk of the
+  *predicted* weights (population gradient flow with the training optimizer from each seed's
+  pretrained weights; for the pretrained rows, the closed-form optimum), in total SEs (Monte Carlo and
+  seed spread). This checks whether theory predicts what training reaches.
+- **at n**: the shot count of that worst gap. **max rel. gap to prediction**: the largest
+  |sim - prediction| / prediction over the shots, in percent.
+"""
+
+
+def agreement_table(res) -> str:
+    """agreement.md: a paragraph explaining the columns (AGREEMENT_INTRO), then for each method and
+    task the largest gaps over shots 0..max in standard errors (see the paragraph)."""
+    lines = [AGREEMENT_INTRO.format(max_shots=res["config"]["max_shots"]),
+             "| method | task | max abs(sim - theory) / SE_mc | max abs(sim - prediction) / SE | at n | max rel. gap to prediction |",
              "|---|---|---|---|---|---|"]
     for name, m in res["methods"].items():
         for task, a in m["agreement"].items():
@@ -338,35 +382,44 @@ def agreement_table(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_all(out) -> list[str]:
-    """Draw every figure into the run folder; returns the PNG paths."""
+def plot_all(out, dest=None) -> list[str]:
+    """Draw every figure and agreement.md from the results in `out` into `dest` (default: `out`);
+    returns the PNG paths."""
     out = Path(out)
+    dest = out if dest is None else Path(dest)
     res, arr = load(out)
-    fig_pretrained_by_d(res, arr, out)
-    fig_zs_family(res, arr, out)
-    fig_value_family(res, arr, out)
-    fig_theory_vs_sim(res, arr, out)
-    fig_methods(res, arr, out)
-    fig_losses(res, arr, out)
-    fig_heatmaps(res, arr, out, "merged")
-    fig_heatmaps(res, arr, out, "separate")
-    fig_frontier(res, arr, out)
-    (out / "agreement.md").write_text(agreement_table(res))
-    return [str(out / f"{n}.png") for n in FIGURES]
+    dest.mkdir(parents=True, exist_ok=True)
+    fig_pretrained_by_d(res, arr, dest)
+    fig_zs_family(res, arr, dest)
+    fig_value_family(res, arr, dest)
+    fig_theory_vs_sim(res, arr, dest)
+    fig_methods(res, arr, dest)
+    fig_losses(res, arr, dest)
+    fig_heatmaps(res, arr, dest, "merged")
+    fig_heatmaps(res, arr, dest, "separate")
+    fig_frontier(res, arr, dest)
+    (dest / "agreement.md").write_text(agreement_table(res))
+    return [str(dest / f"{n}.png") for n in FIGURES]
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m sims.plot DIR   (DIR holds results.json and results.npz)", file=sys.stderr)
-        return 2
-    out = Path(argv[0])
-    if not (out / "results.json").exists() or not (out / "results.npz").exists():
-        print(f"python -m sims.plot: error: {out} has no results.json/results.npz (run python -m sims.forgetting first)",
-              file=sys.stderr)
-        return 2
-    for p in plot_all(out):
-        print(p)
+    from linattn.cli import Parser
+
+    p = Parser(prog="python -m sims.plot", description="Redraw every figure and agreement.md of a sims.forgetting "
+               "run from its saved results (no training).")
+    p.add_argument("run_dir", help="folder holding results.json and results.npz (from python -m sims.forgetting)")
+    p.add_argument("--out", default=None, help="write the figures here instead (default: RUN_DIR itself)")
+    args = p.parse_args(argv)
+    run = Path(args.run_dir)
+    missing = [f for f in ("results.json", "results.npz") if not (run / f).is_file()]
+    if missing:
+        p.error(f"{str(run)!r} has no {' or '.join(missing)} (allowed: a folder written by python -m sims.forgetting)")
+    if args.out is not None:
+        for q in (Path(args.out), *Path(args.out).parents):
+            if q.exists() and not q.is_dir():
+                p.error(f"--out {args.out!r}: {str(q)!r} is a file, not a folder")
+    for path in plot_all(run, args.out):
+        print(path)
     return 0
 
 

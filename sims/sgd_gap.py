@@ -12,7 +12,6 @@ Writes RUN_DIR/sgd_gap_METHOD.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -24,19 +23,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from linattn import train as T
+from linattn.cli import Parser, non_negative, positive
 from sims import forgetting as S
 from theory.risk import task_curves
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sims.sgd_gap", description=__doc__.split("\n")[0])
-    p.add_argument("run_dir")
-    p.add_argument("--method", default="zs_all")
-    p.add_argument("--batches", type=int, nargs="+", default=[500, 2000, 8000])
-    p.add_argument("--no-dataset", action="store_true")
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 20, 40])
+    p = Parser(prog="python -m sims.sgd_gap", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a finished python -m sims.forgetting folder")
+    p.add_argument("--method", default="zs_all", help="a method of that run")
+    p.add_argument("--batches", type=positive(int), nargs="+", default=[500, 2000, 8000], help="batch sizes to re-train at")
+    p.add_argument("--no-dataset", action="store_true", help="draw fine-tuning prompts fresh from theta0")
+    p.add_argument("--shots", type=non_negative(int), nargs="+", default=[0, 20, 40], help="shot counts compared")
     args = p.parse_args(argv)
     run = Path(args.run_dir)
+    if not (run / "config.json").is_file():
+        p.error(f"{str(run)!r} has no config.json (allowed: a folder written by python -m sims.forgetting)")
+    if args.method not in S.METHOD_BY_NAME:
+        p.error(f"--method {args.method!r} unknown; allowed: {list(S.METHOD_BY_NAME)}")
+    if not (run / "pieces" / f"{args.method}.npz").is_file():
+        p.error(f"--method {args.method!r}: {str(run)!r} has no finished piece for it")
     saved = json.loads((run / "config.json").read_text())["config"]
     cfg = S.StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
                            if k not in ("train", "objective")},

@@ -115,7 +115,9 @@ def test_plot_redraws_without_training(tiny_run, monkeypatch):
     for name in P.FIGURES:
         assert (out / f"{name}.png").stat().st_size > 5000
         assert (out / f"{name}.pdf").exists()
-    assert P.main([str(out / "missing")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        P.main([str(out / "missing")])
+    assert exit_.value.code == 2
 
 
 def test_the_full_sweep_runs_every_method():
@@ -141,10 +143,12 @@ def test_cli_parses_overrides():
 
 
 def test_cli_exits_2_on_bad_input(tmp_path, capsys):
-    assert S.main(["--quick", "--out", str(tmp_path / "x"), "--methods", "zs_nothing"]) == 2
-    assert "unknown methods" in capsys.readouterr().err
-    assert S.main(["--quick", "--out", str(tmp_path / "y"), "--batch", "0"]) == 2
-    assert "batch must be >= 1; got 0" in capsys.readouterr().err
+    """More cases, for every CLI, in tests/test_cli.py."""
+    for argv, msg in ((["--methods", "zs_nothing"], "unknown methods"), (["--batch", "0"], "--batch: '0'")):
+        with pytest.raises(SystemExit) as exit_:
+            S.main(["--quick", "--out", str(tmp_path / "x"), *argv])
+        assert exit_.value.code == 2 and msg in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
 
 def test_flow_plan_matches_theory_solver():

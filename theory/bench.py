@@ -6,14 +6,15 @@ compilation) and the median of later calls, for the eager and the jitted functio
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linattn.cli import Parser, positive
 from linattn.params import init_params
 from theory.risk import risk, risk_from_terms, risk_terms
 
@@ -30,11 +31,11 @@ def _time(fn, reps=5):
     return first, statistics.median(times)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m theory.bench")
-    p.add_argument("--d", type=int, default=5)
-    p.add_argument("--shots", type=int, default=41)
-    p.add_argument("--heads", type=int, default=1)
+def main(argv=None) -> int:
+    p = Parser(prog="python -m theory.bench", description="Time the exact risk of a random one-layer model.")
+    p.add_argument("--d", type=positive(int), default=5, help="covariate dimension")
+    p.add_argument("--shots", type=positive(int), default=41, help="curve length: shots 0..SHOTS-1")
+    p.add_argument("--heads", type=positive(int), default=1, help="attention heads")
     args = p.parse_args(argv)
     with jax.enable_x64(True):
         params = init_params(jax.random.PRNGKey(0), args.d, heads=args.heads, std=0.3, dtype=jnp.float64)
@@ -47,7 +48,8 @@ def main(argv=None):
         grad = jax.jit(jax.grad(lambda p: jnp.sum(risk_from_terms(risk_terms(p, "sphere", 0.1), shots, 0.1))))
         first, med = _time(lambda: grad(params))
         print(f"jitted gradient of the summed curve: first {first:.3f} s, then {med * 1e3:.2f} ms")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

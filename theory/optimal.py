@@ -22,15 +22,16 @@ Derivations step by step in theory/DERIVATIONS.md; tests in tests/test_theory_op
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linattn.cli import Parser, non_negative
 from linattn.model import check_normalization
 from linattn.objectives import ObjectiveConfig
 from linattn.optim import param_labels, trainable_vector
@@ -181,12 +182,6 @@ def _floats(text, what):
         raise ValueError(f"{what} must be comma-separated numbers; got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build(method: str, d: int, shots: int, noise: float, normalization: str, theta0=None, pretrained=None,
           n_ft: int = 20, k00: float | None = None) -> dict:
     """The parameters a CLI method names (see main)."""
@@ -218,18 +213,19 @@ def build(method: str, d: int, shots: int, noise: float, normalization: str, the
 
 def main(argv=None) -> int:
     """python -m theory.optimal --method pretrain|zs_all|zs_v|zsfs_v|zs_kq|zsfs_kq --d 5 --shots 20 --out P.json"""
-    p = _Parser(prog="python -m theory.optimal", description="Closed-form / exact optima as parameter files.")
-    p.add_argument("--method", required=True, help=f"one of {list(METHODS)}")
-    p.add_argument("--d", type=int, default=5)
-    p.add_argument("--shots", type=int, default=20, help="pretraining demonstrations m")
-    p.add_argument("--n-ft", type=int, default=20, help="demonstrations in the FS term")
-    p.add_argument("--noise", type=float, default=0.1, help="label-noise variance sigma^2")
+    p = Parser(prog="python -m theory.optimal", description="Closed-form / exact optima as linattn-params-v1 "
+               "parameter files (stdout, or --out).")
+    p.add_argument("--method", required=True, choices=METHODS, help="which optimum")
+    p.add_argument("--d", type=int, default=5, help="covariate dimension (taken from --params when given)")
+    p.add_argument("--shots", type=non_negative(int), default=20, help="pretraining demonstrations m")
+    p.add_argument("--n-ft", type=non_negative(int), default=20, help="demonstrations in the FS term")
+    p.add_argument("--noise", type=non_negative(float), default=0.1, help="label-noise variance sigma^2")
     p.add_argument("--normalization", default="tokens", choices=["tokens", "shots"])
-    p.add_argument("--theta", default=None, help="fine-tuning task, e.g. --theta=1,0,0,0,0")
+    p.add_argument("--theta", default=None, help="fine-tuning task (normalized to unit length), e.g. --theta=1,0,0,0,0")
     p.add_argument("--params", default=None, help="pretrained start (default: the pretraining optimum)")
     p.add_argument("--k00", type=float, default=None,
                    help="zs_all: member KQ[0,0] of the family (default: the gradient-flow prediction)")
-    p.add_argument("--out", default=None, help="output JSON (default: stdout)")
+    p.add_argument("--out", default=None, help="output JSON file (default: print to stdout)")
     args = p.parse_args(argv)
     from linattn.params import load_params, params_to_json
 
@@ -237,8 +233,10 @@ def main(argv=None) -> int:
         try:
             if args.d < 1:
                 raise ValueError(f"--d must be >= 1; got {args.d}")
-            if args.shots < 0 or args.n_ft < 0:
-                raise ValueError(f"shots must be >= 0; got --shots {args.shots}, --n-ft {args.n_ft}")
+            if args.out is not None and not Path(args.out).resolve().parent.is_dir():
+                raise ValueError(f"--out {args.out!r}: folder {str(Path(args.out).resolve().parent)!r} does not exist")
+            if args.out is not None and Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out!r} is a folder; give a file name")
             pre, norm = None, args.normalization
             if args.params is not None:
                 pre, norm = load_params(args.params, dtype=jnp.float64)
@@ -246,19 +244,28 @@ def main(argv=None) -> int:
                     args.d = pre["V"].shape[-1] - 2
             theta = None if args.theta is None else _floats(args.theta, "--theta")
             out = build(args.method, args.d, args.shots, args.noise, norm, theta, pre, args.n_ft, args.k00)
-            text = json.dumps(params_to_json(out, normalization=norm))
-            if args.out:
-                try:
-                    with open(args.out, "w") as fh:
-                        fh.write(text)
-                except OSError as err:
-                    raise ValueError(f"cannot write {args.out!r}: {err.strerror}") from None
-            else:
-                print(text)
         except ValueError as err:
-            print(f"python -m theory.optimal: error: {err}", file=sys.stderr)
-            return 2
+            p.error(str(err))
+    text = json.dumps(params_to_json(out, normalization=norm))
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"python -m theory.optimal: wrote {args.out} ({_describe(args.method, out)})", file=sys.stderr)
+    else:
+        print(text)
     return 0
+
+
+def _describe(method: str, params: Mapping) -> str:
+    """One line on what was written: the method, g*w, and the family member for zs_all."""
+    from linattn.params import gamma_w
+
+    g, w = gamma_w({k: np.asarray(v) for k, v in params.items()})
+    gw = float(g * w) if abs(float(g * w)) > 1e-12 else 0.0  # float64 rounding of an exact 0
+    text = f"{method}, d = {np.shape(params['V'])[-1] - 2}, g*w = {gw:.6g}"
+    if method == "zs_all":
+        kq = np.asarray(to_merged(params)["KQ"])[0, 0, 0, 0]
+        text += f"; family member KQ[0,0] = {float(kq):.6g} (choose another with --k00)"
+    return text
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ tasks. Everything is exact up to float64 rounding; derivation in theory/DERIVATI
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Mapping, NamedTuple, Sequence, Union
@@ -33,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linattn.cli import Parser, non_negative
 from linattn.data import check_shots
 from linattn.evaluate import TEST_TASKS
 from linattn.model import check_normalization, norm_factor
 from linattn.objectives import ObjectiveConfig, check_task_source, evaluate_objective, task_spec
-from linattn.params import check_params, effective_kq, value_row
+from linattn.params import check_params, effective_kq, load_params, value_row
 from theory.cubature import smolyak_gauss, sphere_degree5
 
 TASK_NAMES = ("sphere", "gaussian")
@@ -289,13 +289,6 @@ def population_objective(
 
 
 # ---------------------------------------------------------------- CLI
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(s) for s in text.split(",") if s.strip() != ""]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers; got {text!r}") from None
-
-
 def _ints(text: str, what: str) -> list[int]:
     vals = []
     for s in text.split(","):
@@ -311,50 +304,53 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+CLI_TASKS = {"random": "sphere", "sphere": "sphere", "gaussian": "gaussian"}  # --task name -> risk's task
 
 
 def main(argv=None) -> int:
-    """python -m theory.risk --params P.json --shots 0,1,5 [--task sphere|gaussian|fixed --theta=..]"""
-    p = _Parser(prog="python -m theory.risk", description="Exact population risk of a one-layer model.")
-    p.add_argument("--params", required=True, help="linattn-params-v1 JSON file")
-    p.add_argument("--shots", default="0,1,2,5,10,20,40", help="comma-separated n >= 0")
-    p.add_argument("--noise", type=float, default=0.1, help="label-noise variance sigma^2")
-    p.add_argument("--task", default="sphere", choices=["sphere", "gaussian", "fixed"])
+    """python -m theory.risk --params P.json --shots 0,1,5 [--task random|sphere|gaussian|fixed --theta=..]"""
+    p = Parser(prog="python -m theory.risk", description="Exact population risk of a one-layer model; prints "
+               'one JSON line {"shots": [...], "risk": [...]}.')
+    p.add_argument("--params", required=True, help="linattn-params-v1 JSON file (python -m theory.optimal writes one)")
+    p.add_argument("--shots", default="0,1,2,5,10,20,40", help="comma-separated shot counts n >= 0")
+    p.add_argument("--noise", type=non_negative(float), default=0.1, help="label-noise variance sigma^2")
+    p.add_argument("--task", default="random", choices=[*CLI_TASKS, "fixed"],
+                   help="random (= sphere: unit-sphere tasks, the pretraining distribution, 'random' in the "
+                        "objectives), gaussian (theta ~ N(0, I/d)), or fixed (give --theta)")
     p.add_argument("--theta", default=None, help="task vector for --task fixed, e.g. --theta=1,0,0")
     p.add_argument("--normalization", default=None, choices=["tokens", "shots"],
-                   help="override the file's normalization")
+                   help="override the file's normalization (default: the file's)")
     args = p.parse_args(argv)
     with jax.enable_x64(True):
-        return _run_cli(args)
-
-
-def _run_cli(args) -> int:
-    from linattn.params import load_params
-
-    try:
-        params, norm = load_params(args.params, dtype=jnp.float64)
-        norm = args.normalization or norm
-        shots = check_shots(_ints(args.shots, "--shots"))
-        if args.task == "fixed":
-            if args.theta is None:
-                raise ValueError("--task fixed needs --theta=t1,t2,...")
-            task = np.asarray(_floats(args.theta, "--theta"))
-        else:
-            if args.theta is not None:
+        try:
+            shots = check_shots(_ints(args.shots, "--shots"))
+            if args.task == "fixed" and args.theta is None:
+                raise ValueError("--task fixed needs --theta=t1,t2,... (the task vector)")
+            if args.task != "fixed" and args.theta is not None:
                 raise ValueError(f"--theta is only for --task fixed (got --task {args.task})")
-            task = args.task
-        if args.noise < 0:
-            raise ValueError(f"--noise is a variance and must be >= 0; got {args.noise}")
-        r = risk(params, shots, task, args.noise, None, norm)
-    except ValueError as err:
-        print(f"python -m theory.risk: error: {err}", file=sys.stderr)
-        return 2
+            task = np.asarray(_floats(args.theta, "--theta")) if args.task == "fixed" else CLI_TASKS[args.task]
+            params, norm = load_params(args.params, dtype=jnp.float64)
+            if args.task == "fixed" and task.shape != (params["V"].shape[-1] - 2,):
+                raise ValueError(f"--theta has {task.size} entries; the parameters in {args.params!r} need "
+                                 f"d = {params['V'].shape[-1] - 2}")
+            r = risk(params, shots, task, args.noise, None, args.normalization or norm)
+        except ValueError as err:
+            p.error(str(err))
     print(json.dumps({"shots": shots.tolist(), "risk": np.asarray(r, np.float64).tolist()}))
     return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    """Comma-separated finite numbers; ValueError naming the bad entry."""
+    vals = []
+    for s in (t for t in text.split(",") if t.strip()):
+        try:
+            vals.append(float(s))
+        except ValueError:
+            raise ValueError(f"{what} must be comma-separated numbers; got {s.strip()!r} in {text!r}") from None
+        if not np.isfinite(vals[-1]):
+            raise ValueError(f"{what} must be finite numbers; got {s.strip()!r}")
+    return vals
 
 
 if __name__ == "__main__":

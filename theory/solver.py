@@ -14,6 +14,7 @@ linattn.objectives registry (including ones users add) and any trainable subset:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, NamedTuple, Sequence
 
 import jax
@@ -51,15 +52,21 @@ def flow_plan(runs: Sequence[Run], **plan_kwargs) -> list[TrainResult]:
 
 
 def gradient_flow(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(), theta0=None,
-                  noise: float = 0.1, *, steps: int = 5000, lr: float = 0.01,
-                  opt_cfg: OptimizerConfig = OptimizerConfig(), sigma=None,
-                  normalization: str = "tokens") -> SolveResult:
-    """Population gradient descent with the training optimizer for one start (module docstring)."""
+                  noise: float | None = None, *, train_cfg: TrainConfig | None = None, steps: int | None = None,
+                  lr: float = 0.01, opt_cfg: OptimizerConfig | None = None, sigma=None,
+                  normalization: str | None = None) -> SolveResult:
+    """Population gradient descent with the training optimizer for one start (module docstring).
+
+    train_cfg: the TrainConfig of the training run to predict; its steps, optimizer, noise and
+    normalization are used (lr is not part of it: pass the run's lr). Giving one of those settings
+    as well and different is an error. Without train_cfg: TrainConfig's defaults (5000 steps, the
+    reference SGD, noise 0.1, "tokens").
+    """
     d = params0["V"].shape[-1] - 2
+    tc = _flow_config(train_cfg, d, steps=steps, optimizer=opt_cfg, noise=noise, normalization=normalization)
+    steps, noise, normalization = tc.steps, tc.noise, tc.normalization
     theta = np.zeros(d) if theta0 is None else np.asarray(theta0, np.float64)
     chol = None if sigma is None else np.linalg.cholesky(np.asarray(sigma, np.float64))
-    tc = TrainConfig(steps=steps, batch=1, d=d, noise=noise, normalization=normalization, history=steps,
-                     optimizer=opt_cfg)
     run = Run(None, params0, TaskContext(theta, None, chol), name, subset, lr, cfg, tc)
     res = flow_plan([run])[0]
     f = _objective_fn(name, cfg, theta0, noise, sigma, normalization)
@@ -68,6 +75,23 @@ def gradient_flow(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfi
         value, grads = jax.value_and_grad(f)(p, (steps - 1) / max(steps - 1, 1))  # the last step's progress
         gn = trainable_norm(grads, param_labels(p, subset))
     return SolveResult(p, float(gn), float(value), jnp.asarray(res.history))
+
+
+def _flow_config(train_cfg: TrainConfig | None, d: int, **given) -> TrainConfig:
+    """The flow's TrainConfig: train_cfg (or the defaults) with the settings given explicitly; a
+    setting given both ways with different values is a ValueError naming both."""
+    if train_cfg is not None and train_cfg.d != d:
+        raise ValueError(f"train_cfg.d = {train_cfg.d} but the parameters have d = {d}")
+    base = train_cfg if train_cfg is not None else TrainConfig(d=d)
+    given = {k: v for k, v in given.items() if v is not None}
+    if train_cfg is not None:
+        clash = {k: (v, getattr(train_cfg, k)) for k, v in given.items() if v != getattr(train_cfg, k)}
+        if clash:
+            raise ValueError("settings given both as arguments and in train_cfg differ: "
+                             + ", ".join(f"{k}={a!r} vs train_cfg.{k}={b!r}" for k, (a, b) in clash.items())
+                             + "; give them in train_cfg only")
+    tc = dataclasses.replace(base, **given, d=d, batch=1)
+    return dataclasses.replace(tc, history=tc.steps)
 
 
 def newton_step(f, x, rtol: float = 1e-10):
@@ -116,8 +140,8 @@ def minimize(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = O
 
 
 def solve(objective_name: str, params0: Mapping, subset="all", cfg: ObjectiveConfig = ObjectiveConfig(),
-          theta0=None, noise: float = 0.1, *, method: str = "flow", sigma=None, normalization: str = "tokens",
-          **kwargs) -> SolveResult:
+          theta0=None, noise: float | None = None, *, method: str = "flow", sigma=None,
+          normalization: str | None = None, **kwargs) -> SolveResult:
     """Solve a registered objective on the exact population risk.
 
     Args:
@@ -126,13 +150,15 @@ def solve(objective_name: str, params0: Mapping, subset="all", cfg: ObjectiveCon
       subset: trainable subset (linattn.optim: "all", "v", "kq", "k", "q" or a function of the leaf).
       cfg: ObjectiveConfig (m, n_ft, schedule, ...).
       theta0: the fine-tuning task (for objectives that read the "target" task).
-      noise: label-noise variance.
-      method: "flow" (gradient_flow: steps, lr, opt_cfg) or "minimize" (progress, iters, newton_steps).
+      noise: label-noise variance (default 0.1, or train_cfg's for the flow).
+      method: "flow" (gradient_flow: train_cfg=the training run's TrainConfig and lr=its learning
+        rate, so that steps, optimizer, noise and normalization match the run it predicts) or
+        "minimize" (progress, iters, newton_steps).
     """
     if method == "flow":
         return gradient_flow(objective_name, params0, subset, cfg, theta0, noise, sigma=sigma,
                              normalization=normalization, **kwargs)
     if method == "minimize":
-        return minimize(objective_name, params0, subset, cfg, theta0, noise, sigma=sigma,
-                        normalization=normalization, **kwargs)
+        return minimize(objective_name, params0, subset, cfg, theta0, 0.1 if noise is None else noise, sigma=sigma,
+                        normalization=normalization or "tokens", **kwargs)
     raise ValueError(f"method {method!r} unknown; allowed: ['flow', 'minimize']")
