@@ -277,7 +277,11 @@ def fig_losses(res, arr, out):
         ax.axhline(cfg["train"]["noise"], color="gray", lw=0.6, ls=":")
         ax.set(title=f"fine-tuning objective ({'merged KQ' if model == 'merged' else 'separate K, Q'})", xlabel="step",
                yscale="log")
-        ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        else:
+            ax.text(0.5, 0.5, "no fine-tuning method of this model in the run", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="gray")
     for ax in axes:
         ax.title.set_fontsize(9)
     save(fig, out, "fig6_losses")
