@@ -3,8 +3,8 @@
 Shape notation: S shot counts, C chunks of b prompts, N_max = max shots + 1 tokens, M models.
 
 Several models (parameter trees stacked on a leading axis M) are evaluated on the same prompts,
-and every shot count of a chunk reads the same prompts: the token sampler is nested in n
-(linattn.data.sample_prompts), so one prompt of N_max - 1 demonstrations gives the n-shot prompt
+and every shot count of a chunk reads the same prompts: they are drawn nested in n
+(linattn.data.sample_nested_prompts), so one prompt of N_max - 1 demonstrations gives the n-shot prompt
 of every n as its first n demonstrations. One-layer models read all prefixes at once
 (linattn.model.predict_prefixes); deeper models see the prompt with demonstrations past n zeroed,
 which a linear attention layer ignores when told the true n. Each point is still an average of
@@ -60,7 +60,7 @@ def _chunk_errors(params, key, shots, nmax: int, b: int, d: int, task, noise, co
             pred = predict_many_from_stats(models, zq, S, n, normalization=normalization).astype(dtype)
             return _errors(pred, y[:, None])
         return jax.lax.map(at, shots)
-    Z, y = D.sample_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)
+    Z, y = D.sample_nested_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)
     if L == 1:
         pred = predict_prefixes(models, Z, normalization=normalization).astype(dtype)  # (b, N_max, M)
         return _errors(pred[:, shots], y[:, None, None])
