@@ -47,7 +47,7 @@ def _builtin_styles() -> dict:
 
 STYLES: dict[str, dict] = _builtin_styles()  # method name -> {"color", "ls", "marker"}; register_style adds
 EXTRA_COLORS = ("#17becf", "#e377c2", "#bcbd22", "#9467bd", "#7f7f7f", "#d62728", "#2ca02c", "#1f77b4")
-EXTRA_MARKERS = ("X", "*", "h", "<", ">", "p", "d", "H")
+EXTRA_MARKERS = ("X", "h", "<", ">", "p", "d", "H", "8")  # "*" is the sweep marker of fig8
 
 
 def register_style(name: str, color: str | None = None, ls: str = "-.", marker: str | None = None) -> dict:
@@ -79,14 +79,28 @@ def label(name: str, res: dict) -> str:
     return m["label"]
 
 
+def log_subs(lo: float, hi: float) -> tuple:
+    """Mantissas of the labelled ticks of a log axis from lo to hi: denser the fewer decades it
+    spans, so that at least a few labels fall inside the data (0.25..1.3 gets 0.3, 0.4, 0.5, 0.7, 1)."""
+    decades = np.log10(hi / lo) if lo > 0 and hi > lo else 3.0
+    if decades <= 0.5:
+        return (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+    if decades <= 1.5:
+        return (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
+    if decades <= 2.5:
+        return (1.0, 2.0, 3.0, 5.0)
+    return (1.0, 2.0, 5.0)
+
+
 def _tidy_log_axes(fig) -> None:
-    """Log axes labelled 0.1, 0.2, 0.5, 1, 2, 5, ... in plain numbers, no minor labels."""
+    """Log axes labelled in plain numbers (0.3, 0.5, 1, 2, ...) at mantissas chosen by log_subs for
+    the axis' range, no minor labels."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
-        for axis, scale in ((ax.yaxis, ax.get_yscale()), (ax.xaxis, ax.get_xscale())):
+        for axis, scale, lim in ((ax.yaxis, ax.get_yscale(), ax.get_ylim), (ax.xaxis, ax.get_xscale(), ax.get_xlim)):
             if scale == "log":
-                axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_locator(LogLocator(base=10.0, subs=log_subs(*sorted(lim())), numticks=30))
                 axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 axis.set_minor_formatter(NullFormatter())
 
@@ -123,6 +137,7 @@ def fig_pretrained_by_d(res, arr, out):
     cmap = plt.get_cmap("viridis")
     ds = res["pretrain_ds"]
     shots = arr["shots"]
+    m = res["config"]["objective"]["m"]
     for i, d in enumerate(ds):
         col = cmap(i / max(len(ds) - 1, 1) * 0.85)
         if d == res["config"]["train"]["d"]:
@@ -132,15 +147,21 @@ def fig_pretrained_by_d(res, arr, out):
             sm, ss, t = arr[f"pretrain_d{d}/sim_mean"], arr[f"pretrain_d{d}/sim_se"], arr[f"pretrain_d{d}/theory"]
             mean, se, _, th, _ = seed_stats(sm, ss, t)
             opt = arr[f"pretrain_d{d}/theory_optimum"]
-        ax.plot(shots, th, color=col, lw=1.5, label=f"d = {d}: theory (trained)")
+        gap = th[m] / opt[m] - 1.0  # how far pretraining is from its optimum, at the pretraining shots
+        note = "; not converged" if gap > 0.05 else ""
+        ax.plot(shots, th, color=col, lw=1.5, label=f"d = {d}: trained, {100 * gap:+.1f}% vs optimum at n = {m}{note}")
         ax.plot(shots, opt, color=col, lw=1, ls=":", label=None)
         _errorbar(ax, shots, mean, se, {"color": col, "marker": "o", "ls": "-"})
     ax.plot([], [], color="gray", ls=":", label="theory (closed-form optimum)")
     ax.errorbar([], [], yerr=[], fmt="o", color="gray", label="simulation (mean ± SE)")
-    ax.axvline(res["config"]["objective"]["m"], color="gray", lw=0.6, ls="--")
+    ax.axvline(m, color="gray", lw=0.6, ls="--")
+    ax.annotate(f"n = m = {m}\n(pretraining shots)", (m, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                textcoords="offset points", fontsize=6.5, color="gray", va="top")
+    steps = res["config"]["train"]["steps"]
     ax.set(xlabel="shots n", ylabel="test error (random tasks)", yscale="log",
-           title="Pretrained model: ICL error vs shots")
-    ax.legend(fontsize=7)
+           title=f"Pretrained model: ICL error vs shots ({steps} pretraining steps)")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=6.5, loc="lower left")
     save(fig, out, "fig1_pretrained_by_d")
 
 
@@ -218,8 +239,14 @@ def fig_theory_vs_sim(res, arr, out):
             if i == 2:
                 ax.set_xlabel("shots n")
             ax.set_yscale("log")
-    axes[0, 0].legend(fontsize=6.5)
-    axes[0, 1].legend(fontsize=6.5)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="k", lw=1.4, label="exact risk of the trained weights (method colour)"),
+               Line2D([], [], color="gray", lw=1.2, ls="--", label="exact risk of the predicted weights "
+                      "(gradient flow; pretrained: closed-form optimum)"),
+               Line2D([], [], color="k", marker="o", ls="", ms=3.5, label="simulation (seed mean ± SE)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.subplots_adjust(bottom=0.09)
     fig.suptitle("Theory vs simulation", y=1.0)
     save(fig, out, "fig4_theory_vs_sim")
 
@@ -276,7 +303,9 @@ def fig_losses(res, arr, out):
                 ax.fill_between(x, h.min(0), h.max(0), color=st["color"], alpha=0.15, lw=0)
         ax.axhline(cfg["train"]["noise"], color="gray", lw=0.6, ls=":")
         ax.set(title=f"fine-tuning objective ({'merged KQ' if model == 'merged' else 'separate K, Q'})", xlabel="step",
-               yscale="log")
+               yscale="log", ylabel="objective (seed mean)")
+        ax.annotate("noise floor σ²", (1.0, cfg["train"]["noise"]), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                    textcoords="offset points", ha="right", fontsize=6.5, color="gray")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18))
         else:
@@ -284,6 +313,7 @@ def fig_losses(res, arr, out):
                     transform=ax.transAxes, fontsize=8, color="gray")
     for ax in axes:
         ax.title.set_fontsize(9)
+    fig.subplots_adjust(wspace=0.3)
     save(fig, out, "fig6_losses")
 
 
@@ -298,31 +328,56 @@ def fig_heatmaps(res, arr, out, model):
         return kq, arr[f"{name}/params/V"][0, 0, 0]
 
     all_m = [mats(n) for n in names]
-    vmax = max(max(np.abs(a).max(), np.abs(b).max()) for a, b in all_m)
-    fig, axes = plt.subplots(2, len(names), figsize=(1.55 * len(names) + 1, 3.6), squeeze=False)
+    d = all_m[0][0].shape[-1] - 2
+    ticks = ["1"] + [f"x{i + 1}" for i in range(d)] + ["y"]  # token order (1, x, y)
+    fig, axes = plt.subplots(2, len(names), figsize=(1.7 * len(names) + 1.2, 4.3), squeeze=False)
     for j, (name, (kq, v)) in enumerate(zip(names, all_m)):
         for i, (mat, what) in enumerate(((kq, "KQ"), (v, "V"))):
             ax = axes[i, j]
-            im = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            vmax = max(float(np.abs(mat).max()), 1e-12)  # each panel on its own symmetric scale
+            im = ax.imshow(mat / vmax, cmap="RdBu_r", vmin=-1, vmax=1)
+            ax.set_xticks(range(len(ticks)), ticks if i == 1 else [], fontsize=5.5)
+            ax.set_yticks(range(len(ticks)), ticks if j == 0 else [], fontsize=5.5)
+            ax.tick_params(length=0)
+            ax.set_xlabel(f"max |entry| {vmax:.2g}", fontsize=6.5, labelpad=2)
             if j == 0:
                 ax.set_ylabel(what + (" (= QᵀK)" if model == "separate" and what == "KQ" else ""), fontsize=8)
             if i == 0:
                 ax.set_title(label(name, res), fontsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.7)
+    bar = fig.colorbar(im, ax=axes, shrink=0.7)
+    bar.set_label("entry / the panel's max |entry|", fontsize=7)
     fig.suptitle(f"Seed-0 weights before/after fine-tuning ({'merged KQ' if model == 'merged' else 'separate K, Q'}; "
-                 "token order 1, x, y)", fontsize=9)
+                 "rows and columns: token entries 1, x, y; each panel scaled to its own largest entry)", fontsize=9)
     save(fig, out, f"fig7_heatmaps_{model}")
 
 
+SWEEP_MARKER = "*"  # simulation of a swept method at another auxiliary weight (fig8)
+
+
+def _label_sparsely(ax, labels, min_dist=0.05) -> None:
+    """Annotate (x, y, text, color) points, skipping any closer than min_dist (axes fraction) to one
+    already labelled, so clusters get one label instead of an unreadable pile. Call after plotting."""
+    ax.autoscale_view()
+    to_axes = ax.transData + ax.transAxes.inverted()
+    kept = []
+    for x, y, text, color in labels:
+        p = np.asarray(to_axes.transform((x, y)))
+        if all(np.hypot(*(p - q)) >= min_dist for q in kept):
+            kept.append(p)
+            ax.annotate(text, (x, y), fontsize=6.5, color=color, xytext=(3, 3), textcoords="offset points")
+
+
 def fig_frontier(res, arr, out):
+    from matplotlib.lines import Line2D
+
     nft = res["config"]["objective"]["n_ft"]
     ti, tm, tr = (res["tasks"].index(t) for t in ("theta0", "minus_theta0", "random"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for k, (ty, ylab) in enumerate(((tm, f"{nft}-shot error on unseen task $-\\theta_0$"),
                                     (tr, f"{nft}-shot error on random unseen tasks"))):
         ax = axes[k]
+        ax.set(xscale="log", yscale="log")
+        labels = []
         for name, m in res["methods"].items():
             st = style(name)
             c = m["curves"]
@@ -335,24 +390,28 @@ def fig_frontier(res, arr, out):
         for name, sw in res["sweeps"].items():
             st = style(name)
             fr = arr[f"sweep/{name}/frontier_theory"]
-            ax.plot(fr[:, ti, 0], fr[:, ty, nft], color=st["color"], ls=":", lw=1.4,
+            ax.plot(fr[:, ti, 0], fr[:, ty, nft], color=st["color"], ls=":", lw=1.4, marker=".", ms=4,
                     label=f"theory: {res['methods'][name]['label']}, weight λ swept")
-            for g, lam in enumerate(sw["frontier_weights"]):
-                ax.annotate(f"{lam:g}", (fr[g, ti, 0], fr[g, ty, nft]), fontsize=6, color=st["color"],
-                            xytext=(2, 2), textcoords="offset points")
+            labels += [(fr[g, ti, 0], fr[g, ty, nft], f"{lam:g}", st["color"]) for g, lam in enumerate(sw["frontier_weights"])]
             sm, ss = arr[f"sweep/{name}/sim_mean"], arr[f"sweep/{name}/sim_se"]  # (W, S', T, N)
             for w, lam in enumerate(sw["weights"]):
-                ax.errorbar(sm[w, :, ti, 0].mean(), sm[w, :, ty, nft].mean(), fmt="^", color=st["color"], ms=5,
+                xm, ym = sm[w, :, ti, 0].mean(), sm[w, :, ty, nft].mean()
+                ax.errorbar(xm, ym, fmt=SWEEP_MARKER, color=st["color"], ms=8, mfc="white",
                             xerr=np.sqrt((ss[w, :, ti, 0] ** 2).sum()) / ss.shape[1],
                             yerr=np.sqrt((ss[w, :, ty, nft] ** 2).sum()) / ss.shape[1])
-                ax.annotate(f"λ={lam:g}", (sm[w, :, ti, 0].mean(), sm[w, :, ty, nft].mean()), fontsize=7,
-                            color=st["color"], xytext=(4, -8), textcoords="offset points")
-        ax.plot([], [], "k+", ms=8, label="theory prediction (gradient flow / optimum)")
-        ax.plot([], [], "k^", ms=5, label="simulation at another λ")
-        ax.set(xlabel=r"zero-shot error on the fine-tuned task $\theta_0$", ylabel=ylab, xscale="log", yscale="log")
+                labels.insert(0, (xm, ym, f"λ={lam:g}", st["color"]))
+        _label_sparsely(ax, labels)
+        ax.set(xlabel=r"zero-shot error on the fine-tuned task $\theta_0$", ylabel=ylab)
         if k == 1:
-            ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle("Forgetting frontier: fitting the target zero-shot vs keeping in-context learning", fontsize=10)
+            extra = [Line2D([], [], color="gray", marker="+", ls="", ms=8,
+                            label="theory prediction (+ in the method's colour)"),
+                     Line2D([], [], color="gray", marker=SWEEP_MARKER, mfc="white", ls="", ms=8,
+                            label="simulation at another λ (labelled λ=...)"),
+                     Line2D([], [], color="gray", ls=":", marker=".", label="theory frontier (labelled by λ)")]
+            handles, _ = ax.get_legend_handles_labels()
+            ax.legend(handles=extra + handles, fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Forgetting frontier: fitting the target zero-shot vs keeping in-context learning "
+                 "(filled: ZS, open: ZS+FS; circles/squares: merged KQ, triangles: separate K, Q)", fontsize=9)
     save(fig, out, "fig8_frontier")
 
 

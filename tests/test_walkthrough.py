@@ -183,3 +183,11 @@ def test_every_method_has_its_own_colour_and_marker():
     finally:
         for n in added:
             PL.STYLES.pop(n, None)
+
+
+def test_log_axes_label_values_inside_short_ranges():
+    """Issue #9 item 7: log axes labelled only 0.5, 1 and 2 although curves went to 0.25."""
+    in_range = lambda lo, hi: [m * 10.0**e for e in range(-3, 4) for m in PL.log_subs(lo, hi) if lo <= m * 10.0**e <= hi]
+    assert len(in_range(0.25, 1.3)) >= 5 and 0.3 in [round(v, 6) for v in in_range(0.25, 1.3)]
+    assert len(in_range(1.2, 2.6)) >= 3
+    assert PL.log_subs(0.1, 200.0) == (1.0, 2.0, 5.0)  # long ranges stay sparse
