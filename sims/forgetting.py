@@ -672,11 +672,13 @@ def _work(runs) -> int:
 
 
 # ---------------------------------------------------------------- results
-def curves_json(cfg, piece: dict, with_opt=True) -> dict:
+def curves_json(cfg, piece: dict, with_opt=True, tasks=TASKS) -> dict:
+    """{task: {"shots", "sim_mean", "sim_se", "theory", "theory_optimum", "sim_se_mc", "theory_se_seeds"}}
+    from a piece's arrays (S, T, N) (theory_optimum (S, T, N) or broadcastable)."""
     mean, se, mc, th, th_se = seed_stats(piece["sim_mean"], piece["sim_se"], piece["theory"])
-    opt = piece["theory_optimum"].mean(0) if with_opt else None
+    opt = np.broadcast_to(piece["theory_optimum"], piece["theory"].shape).mean(0) if with_opt else None
     out = {}
-    for t, name in enumerate(TASKS):
+    for t, name in enumerate(tasks):
         out[name] = {"shots": shots_of(cfg).tolist(), "sim_mean": mean[t].tolist(), "sim_se": se[t].tolist(),
                      "theory": th[t].tolist(), "theory_optimum": None if opt is None else opt[t].tolist(),
                      "sim_se_mc": mc[t].tolist(), "theory_se_seeds": th_se[t].tolist()}
@@ -722,7 +724,13 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
     sweeps = {}
     for n in cfg.sweep_methods:
         piece = store.load(f"sweep_{n}")
-        sweeps[n] = {"weights": piece["weights"].tolist(), "frontier_weights": piece["frontier_weights"].tolist()}
+        sweeps[n] = {"weights": piece["weights"].tolist(), "frontier_weights": piece["frontier_weights"].tolist(),
+                     "curves": {}, "agreement": {},
+                     "frontier_theory": {t: piece["frontier_theory"][:, i].tolist() for i, t in enumerate(TASKS)}}
+        for w, lam in enumerate(piece["weights"].tolist()):
+            curves = curves_json(cfg, {k: piece[k][w] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")})
+            sweeps[n]["curves"][f"{lam:g}"] = curves
+            sweeps[n]["agreement"][f"{lam:g}"] = {t: agreement(c) for t, c in curves.items()}
         for k in ("sim_mean", "sim_se", "theory", "theory_optimum", "frontier_theory"):
             arrays[f"sweep/{n}/{k}"] = piece[k]
         timing[f"sweep_{n}"] = float(piece["seconds"])
@@ -731,13 +739,16 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
         piece = store.load(f"pretrain_d{d}")
         for k in ("sim_mean", "sim_se", "theory", "theory_optimum"):
             arrays[f"pretrain_d{d}/{k}"] = piece[k]
-        pre_d[str(d)] = float(piece["seconds"])
+        curves = curves_json(cfg, {k: piece[k][..., None, :] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")},
+                             tasks=("random",))
+        pre_d[str(d)] = {"curves": curves, "agreement": {t: agreement(c) for t, c in curves.items()},
+                         "train_eval_seconds": float(piece["seconds"])}
         timing[f"pretrain_d{d}"] = float(piece["seconds"])
     fam = store.load("families")
     for k, v in fam.items():
         arrays[f"families/{k}"] = v
     results = {"config": cfg.to_json(), "versions": versions(), "theta0": theta0.tolist(), "tasks": list(TASKS),
-               "methods": methods, "sweeps": sweeps, "pretrain_ds": [cfg.d, *cfg.pretrain_ds],
+               "methods": methods, "sweeps": sweeps, "pretrain_ds": [cfg.d, *cfg.pretrain_ds], "pretrain_d": pre_d,
                "seconds": timing}
     (out / "results.json").write_text(json.dumps(results))
     np.savez(out / "results.npz", **arrays)

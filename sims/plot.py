@@ -418,7 +418,9 @@ def fig_frontier(res, arr, out):
 AGREEMENT_INTRO = """\
 # Theory vs simulation, in standard errors
 
-One row per method and test task; each number is the worst case over the shot counts n = 0..{max_shots}.
+One row per method and test task, then the auxiliary-weight sweeps ("NAME at λ = W", seed 0..k) and
+the pretraining at other dimensions ("pretrained, d = D", random tasks only); each number is the
+worst case over the shot counts n = 0..{max_shots}.
 - **max abs(sim - theory) / SE_mc**: the Monte Carlo test error (seed mean) against the exact risk
   (theory.risk) of the *same trained weights*, in Monte Carlo standard errors. Seed-to-seed variation
   cancels, so this checks the simulator and the theory against each other; |z| up to about 4 is what
@@ -438,8 +440,11 @@ def agreement_table(res) -> str:
     lines = [AGREEMENT_INTRO.format(max_shots=res["config"]["max_shots"]),
              "| method | task | max abs(sim - theory) / SE_mc | max abs(sim - prediction) / SE | at n | max rel. gap to prediction |",
              "|---|---|---|---|---|---|"]
-    for name, m in res["methods"].items():
-        for task, a in m["agreement"].items():
+    rows = [(name, m["agreement"]) for name, m in res["methods"].items()]
+    rows += [(f"{name} at λ = {lam}", a) for name, sw in res["sweeps"].items() for lam, a in sw.get("agreement", {}).items()]
+    rows += [(f"pretrained, d = {d}", p["agreement"]) for d, p in res.get("pretrain_d", {}).items()]
+    for name, agree in rows:
+        for task, a in agree.items():
             lines.append(f"| {name} | {task} | {a['sim_vs_theory_max_se']:.2f} | {a.get('sim_vs_optimum_max_se', float('nan')):.2f}"
                          f" | {a.get('sim_vs_optimum_worst_shot', '')} | {100 * a.get('sim_vs_optimum_max_rel', float('nan')):.1f}% |")
     return "\n".join(lines) + "\n"

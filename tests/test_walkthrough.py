@@ -94,6 +94,23 @@ def test_walkthrough_study_draws_every_figure_with_the_new_method(walkthrough):
     assert "| zs_minus_all | minus_theta0 |" in (out / "agreement.md").read_text()
 
 
+def test_results_json_and_agreement_hold_the_sweeps_and_the_d_scan(walkthrough):
+    """Issue #9 item 8: the sweeps and the d = 2 / d = 10 pretraining were only in results.npz."""
+    _, out = walkthrough
+    res = json.loads((out / "results.json").read_text())
+    sweep = res["sweeps"]["zs_minus_all"]
+    assert list(sweep["curves"]) == ["4"] and set(sweep["curves"]["4"]) == {"theta0", "minus_theta0", "random"}
+    c = sweep["curves"]["4"]["minus_theta0"]
+    assert len(c["sim_mean"]) == len(c["theory_optimum"]) == 41 and np.all(np.asarray(c["sim_se"]) > 0)
+    assert np.asarray(sweep["frontier_theory"]["theta0"]).shape == (2, 41)  # two frontier weights
+    d2 = res["pretrain_d"]["2"]["curves"]["random"]
+    assert len(d2["sim_mean"]) == 41 and d2["theory_optimum"] is not None
+    with np.load(out / "results.npz") as z:
+        np.testing.assert_allclose(d2["sim_mean"], z["pretrain_d2/sim_mean"].mean(0))
+    table = (out / "agreement.md").read_text()
+    assert "| zs_minus_all at λ = 4 | theta0 |" in table and "| pretrained, d = 2 | random |" in table
+
+
 def test_item1_methods_subset_without_separate_methods_draws_heatmaps(walkthrough, tmp_path):
     """Issue #9 item 1: with --methods naming only merged-model methods, the separate model has only
     its pretrained column, and fig7_heatmaps_separate crashed (IndexError). sims.plot redraws it."""
