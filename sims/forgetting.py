@@ -280,8 +280,8 @@ class Progress:
             rate = self.done / max(now - self.t0, 1e-9)
             after = self.total - self.done - units[group][1] * (steps - steps_done)
             left = piece_left + (after / rate if rate > 0 else float("nan"))
-            log(f"{name}: program {group + 1}/{groups}, step {steps_done}/{steps}; "
-                f"~{piece_left:.0f} s left in it, ~{left:.0f} s of training left overall")
+            log(f"{name}: program {group + 1}/{groups}, step {steps_done}/{steps}; {seconds:.0f} s in it, "
+                f"~{piece_left:.0f} s left in it; {now - self.t0:.0f} s elapsed, ~{left:.0f} s of training left overall")
 
         return report
 

@@ -10,6 +10,7 @@ import importlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sims import forgetting as S
@@ -196,4 +197,7 @@ def test_theory_optimal_says_what_it_wrote(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"python -m theory.optimal: wrote {target}") and "KQ[0,0] = 2" in err
     assert "g*w = 0," in err or "g*w = 0 " in err or err.endswith("g*w = 0") or "g*w = 0;" in err
-    assert json.loads(target.read_text())["format"] == "linattn-params-v1"
+    written = json.loads(target.read_text())
+    assert written["format"] == "linattn-params-v1"
+    entries = np.abs(np.asarray(written["KQ"] + written["V"], dtype=float)).ravel()
+    assert np.all((entries == 0) | (entries > 1e-12)) and np.sum(entries == 0) > 0  # zeros printed as 0, not 1e-16

@@ -246,6 +246,7 @@ def main(argv=None) -> int:
             out = build(args.method, args.d, args.shots, args.noise, norm, theta, pre, args.n_ft, args.k00)
         except ValueError as err:
             p.error(str(err))
+    out = {k: np.where(np.abs(np.asarray(v)) < 1e-12, 0.0, np.asarray(v)) for k, v in out.items()}  # rounding of exact 0s
     text = json.dumps(params_to_json(out, normalization=norm))
     if args.out:
         Path(args.out).write_text(text)
