@@ -653,11 +653,29 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     for f in store.dir.glob(".plan_*.npz"):  # every piece built from them is saved
         f.unlink()
     results = assemble(cfg, out, store, theta0)
+    for piece, gap in pretraining_gaps(cfg, store).items():
+        if gap > 0.05:
+            log(f"{piece}: not converged: its exact {cfg.objective.m}-shot risk on random tasks is {100 * gap:.0f}% "
+                "above the closed-form optimum's (more --steps / --d-steps, or a larger --lr)")
     if figures:
         from sims import plot
 
         plot.plot_all(out)
     return results
+
+
+def pretraining_gaps(cfg, store: Store) -> dict:
+    """{pretraining piece: relative gap of the seed-mean exact risk of the trained weights to the
+    closed-form optimum's, at the pretraining shots m on random tasks} (0 means converged)."""
+    out = {}
+    for piece in ["pretrain_merged", "pretrain_separate"] + [f"pretrain_d{d}" for d in cfg.pretrain_ds]:
+        z = store.load(piece)
+        th, opt = z["theory"], np.broadcast_to(z["theory_optimum"], z["theory"].shape)
+        if th.ndim == 3:  # (S, T, N): the random-task row
+            th, opt = th[:, TASKS.index("random")], opt[:, TASKS.index("random")]
+        m = cfg.objective.m
+        out[piece] = float(th[:, m].mean() / opt[:, m].mean() - 1.0)
+    return out
 
 
 def _units(runs) -> dict:
