@@ -289,6 +289,15 @@ def sample_from_dataset(key, data: FineTuneData, n: int, batch: int) -> Prompts:
     return Prompts(build_prompt(x, y), y[:, -1])
 
 
+def draws_per_prompt(sampler: str, n: int, d: int) -> int:
+    """Random numbers one prompt of n demonstrations costs: "tokens" (n + 1)(d + 1) + d; "stats"
+    d + 1 + p + p(p - 1)/2 normals and p chi-squares (about two draws each), p = d + 1."""
+    if sampler == "tokens":
+        return (n + 1) * (d + 1) + d
+    p = d + 1
+    return d + 1 + p + p * (p - 1) // 2 + 2 * p
+
+
 # name -> prompt sampler(key, n, batch, d, task, noise, cov_factor, dtype); read by training
 # (linattn.minibatch) and evaluation (linattn.evaluate). "tokens" returns Prompts (any model),
 # "stats" PromptStats (one-layer models; cost independent of n).

@@ -72,19 +72,14 @@ def _chunk_errors(params, key, shots, nmax: int, b: int, d: int, task, noise, co
     return jax.lax.map(at, shots)
 
 
-def _stats_draws(d: int) -> int:
-    """Random numbers per prompt of the statistics sampler, a chi-square counted as two."""
-    p = d + 1
-    return d + 1 + p + p * (p - 1) // 2 + 2 * p
-
-
-def choose_sampler(sampler: str, one_layer: bool, shots, d: int) -> str:
-    """Evaluation's sampler: "auto" -> the nested token prompts unless one-layer statistics drawn per
-    shot count cost fewer random numbers ((N_max)(d + 1) against S times _stats_draws(d))."""
-    if sampler != "auto":
-        return resolve_sampler(sampler, one_layer)
-    nested = (int(np.max(shots)) + 1) * (d + 1)
-    return "stats" if one_layer and len(shots) * _stats_draws(d) < nested else "tokens"
+def choose_sampler(sampler: str, one_layer: bool, shots, d: int, prompts: int = None) -> str:
+    """Evaluation's sampler: "auto" -> the nested token prompts, or for one-layer models statistics
+    drawn per shot count where they save enough draws over `prompts` prompts per shot count
+    (minibatch.resolve_sampler): one nested prompt costs draws_per_prompt("tokens", N_max - 1, d),
+    the statistics S times draws_per_prompt("stats", n, d)."""
+    nested = D.draws_per_prompt("tokens", int(np.max(shots)), d)
+    saved = nested - len(shots) * D.draws_per_prompt("stats", 0, d)
+    return resolve_sampler(sampler, one_layer, saved, prompts)
 
 
 def test_error(key, params: Mapping, shots: Sequence[int], task="sphere", *, noise: float = 0.1,
@@ -126,7 +121,7 @@ def _curves(keys, params, shots, tasks, *, noise, samples, chunk, cov_factor, no
         raise ValueError("need at least one shot count")
     L, _, width, _ = params["V"].shape[1:]
     d = width - 2
-    sampler = choose_sampler(sampler, L == 1, shots, d)
+    sampler = choose_sampler(sampler, L == 1, shots, d, samples)
     b = min(chunk, samples)
     n_chunks = -(-samples // b)
     nmax = int(shots.max())

@@ -7,7 +7,7 @@ requested term {(method, shots, task source): value}. Each (shots, task source) 
 prompts once, from the key fold_in(fold_in(key, shots), source index), so every method of a
 program sees the same prompts (common random numbers). One-layer models read the prompts through
 their statistics (zq, S) (linattn.model.predict_many_from_stats: two matrix products shared by
-the M methods). Deeper models read the tokens themselves (linattn.model.predict).
+the M methods), drawn directly by the statistics sampler where that pays (resolve_sampler). Deeper models read the tokens themselves (linattn.model.predict).
 The exact counterpart with the same signature is theory.risk.exact_source.
 """
 
@@ -23,10 +23,22 @@ from linattn.model import outer_sum, predict, predict_many_from_stats
 from linattn.objectives import TASK_SOURCES, task_spec
 
 
-def resolve_sampler(name: str, one_layer: bool) -> str:
-    """"auto" -> "stats" for one-layer models, "tokens" otherwise; checks the name."""
+# The statistics sampler's program compiles about 3.5 s longer than the token sampler's (its
+# chi-square rejection loop; measured at d = 5 on the 2-core CPU of BENCHMARKS.md), the time to
+# draw about this many normals there: "auto" takes it only when it saves more draws than that.
+STATS_WORTH_DRAWS = 4e8
+
+
+def resolve_sampler(name: str, one_layer: bool, saved_per_prompt: int = None, prompts: int = None) -> str:
+    """"auto" -> "tokens" for deeper models; for one-layer models "stats", unless `prompts` prompts
+    that each draw `saved_per_prompt` fewer numbers with it save fewer than STATS_WORTH_DRAWS
+    (short runs then skip its longer compilation). Checks the name."""
     if name == "auto":
-        return "stats" if one_layer else "tokens"
+        if not one_layer:
+            return "tokens"
+        if prompts is None:
+            return "stats"
+        return "stats" if saved_per_prompt * prompts > STATS_WORTH_DRAWS else "tokens"
     if name not in D.SAMPLERS:
         raise ValueError(f"sampler {name!r} unknown; allowed: {sorted(D.SAMPLERS)} or 'auto'")
     if name == "stats" and not one_layer:
@@ -62,10 +74,11 @@ def monte_carlo(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> 
       {(method, shots, task source): scalar mean squared error}.
     """
     one_layer = all(p["V"].shape[0] == 1 for p in params)
-    sampler = resolve_sampler(cfg.sampler, one_layer)
     dtype = params[0]["V"].dtype
     out = {}
     for (shots, task), ms in requests.items():
+        saved = D.draws_per_prompt("tokens", shots, cfg.d) - D.draws_per_prompt("stats", shots, cfg.d)
+        sampler = resolve_sampler(cfg.sampler, one_layer, saved, cfg.steps * cfg.batch)
         k = jax.random.fold_in(jax.random.fold_in(key, shots), list(TASK_SOURCES).index(task))
         deep = [m for m in ms if params[m]["V"].shape[0] > 1]
         zq, S, Z, y = _draw(k, shots, task, cfg, ctx, dtype, sampler, tokens=bool(deep))

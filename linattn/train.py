@@ -33,7 +33,8 @@ import contextlib
 import dataclasses
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
@@ -66,7 +67,7 @@ class TrainConfig:
     noise: float = 0.1  # label-noise variance sigma^2
     tasks: str = "sphere"  # distribution of "random" tasks: "sphere" | "gaussian"
     normalization: str = "tokens"  # "tokens" = 1/(n+1), "shots" = 1/n
-    sampler: str = "auto"  # a name in linattn.data.SAMPLERS, or "auto" (stats for one layer)
+    sampler: str = "auto"  # a name in linattn.data.SAMPLERS, or "auto" (linattn.minibatch.resolve_sampler)
     history: int = 100  # length of the returned loss history (bucket means)
     optimizer: OptimizerConfig = OptimizerConfig()
 
@@ -355,19 +356,73 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
                 sig=sig)
 
 
-_EXECUTABLES: dict = {}
+_EXECUTABLES: dict = {}  # signature -> Future of the compiled executable
+_EXECUTABLES_LOCK = threading.Lock()
 
 
 def _compile(prep: dict):
     """The group's step program compiled ahead of time (threads compile groups concurrently),
-    cached per program and slot count, so a second plan of the same shapes does not recompile."""
+    cached per program and slot count, so a second plan of the same shapes does not recompile.
+    A thread that asks for a program another thread is compiling waits for it."""
     shapes = jax.tree.structure(prep["args"]), tuple((np.shape(a), str(a.dtype)) for a in jax.tree.leaves(prep["args"]))
     sig = (prep["sig"], shapes)  # the task context (e.g. the dataset size) is not in the program's signature
-    if sig not in _EXECUTABLES:
-        with _x64(prep["x64"]):  # JAX config contexts are per thread
-            steps = jnp.arange(prep["chunk"], dtype=jnp.int32)
-            _EXECUTABLES[sig] = prep["run"].lower(*prep["args"], steps).compile()
-    return _EXECUTABLES[sig]
+    with _EXECUTABLES_LOCK:
+        fut = _EXECUTABLES.get(sig)
+        owner = fut is None
+        if owner:
+            fut = _EXECUTABLES[sig] = Future()
+    if owner:
+        try:
+            with _x64(prep["x64"]):  # JAX config contexts are per thread
+                steps = jnp.arange(prep["chunk"], dtype=jnp.int32)
+                fut.set_result(prep["run"].lower(*prep["args"], steps).compile())
+        except BaseException as e:
+            with _EXECUTABLES_LOCK:
+                del _EXECUTABLES[sig]
+            fut.set_exception(e)
+    return fut.result()
+
+
+def _prepare_all(runs: Sequence[Run], source: str, devices, layout: str, chunk: int) -> list[dict]:
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r} unknown; allowed: {list(SOURCES)}")
+    if len(runs) == 0:
+        raise ValueError("the plan has no runs")
+    for i, run in enumerate(runs):
+        _check_run(i, run, source)
+    devices = resolve_devices(devices)
+    return [_prepare(g, runs, source, devices, layout, chunk) for g in plan_groups(runs, source)]
+
+
+def _compile_all(preps: list[dict]) -> list:
+    if len(preps) == 1:
+        return [_compile(preps[0])]
+    with ThreadPoolExecutor(max_workers=min(len(preps), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_compile, preps))
+
+
+def precompile(runs: Sequence[Run], *, source: str = "mc", devices=None, layout: str = "auto",
+               chunk: int = 1000) -> Future:
+    """Compile the programs of a plan in a background thread and return at once.
+
+    A later train_plan with the same settings and shapes (keys, parameter shapes, objectives,
+    subsets, configs; not the parameter values) finds them compiled, so compilation overlaps
+    other work: a study compiles its fine-tuning while it pretrains, with placeholder starting
+    parameters of the right shapes. Bad runs raise here, at once; compile errors come out of the
+    Future (and again in train_plan).
+    """
+    with _x64(source == "exact"):
+        preps = _prepare_all(runs, source, devices, layout, chunk)
+    fut: Future = Future()
+
+    def work():
+        try:
+            fut.set_result(len(_compile_all(preps)))
+        except BaseException as e:  # reported through the Future
+            fut.set_exception(e)
+
+    threading.Thread(target=work, daemon=True, name="linattn-precompile").start()
+    return fut
 
 
 def _execute(prep: dict, compiled, on_progress: Optional[Callable], where: tuple) -> dict:
@@ -408,24 +463,12 @@ def train_plan(runs: Sequence[Run], *, source: str = "mc", devices=None, layout:
       check: raise TrainingDiverged for the first run whose loss or parameters went non-finite.
       on_progress: called as on_progress(group, groups, steps_done, steps, seconds) after each chunk.
     """
-    if source not in SOURCES:
-        raise ValueError(f"source {source!r} unknown; allowed: {list(SOURCES)}")
-    if len(runs) == 0:
-        raise ValueError("the plan has no runs")
-    for i, run in enumerate(runs):
-        _check_run(i, run, source)
-    devices = resolve_devices(devices)
-    groups = plan_groups(runs, source)
     results: dict = {}
     with _x64(source == "exact"):
-        preps = [_prepare(g, runs, source, devices, layout, chunk) for g in groups]
-        if len(preps) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(preps), os.cpu_count() or 1)) as pool:
-                compiled = list(pool.map(_compile, preps))
-        else:
-            compiled = [_compile(preps[0])]
+        preps = _prepare_all(runs, source, devices, layout, chunk)
+        compiled = _compile_all(preps)
         for gi, (prep, exe) in enumerate(zip(preps, compiled)):
-            results.update(_execute(prep, exe, on_progress, (gi, len(groups))))
+            results.update(_execute(prep, exe, on_progress, (gi, len(preps))))
     out = [results[i] for i in range(len(runs))]
     if check:
         raise_if_diverged(out, runs)

@@ -128,7 +128,7 @@ def test_second_evaluation_calls_do_not_recompile():
     p0 = init_params(jax.random.PRNGKey(1), 3, merged=False)
     for seed, scale in [(0, 0.01), (1, 0.02)]:
         evaluate.test_error(jax.random.PRNGKey(seed), p0, [0, 3, 7], jnp.ones(3) * scale, samples=64, chunk=32)
-    sampler = evaluate.choose_sampler("auto", True, [0, 3, 7], 3)
+    sampler = evaluate.choose_sampler("auto", True, [0, 3, 7], 3, 64)
     assert evaluate._curve_program(3, 32, 2, 7, 0.1, "tokens", sampler, "sphere")._cache_size() == 1
 
 

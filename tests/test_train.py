@@ -126,9 +126,9 @@ def test_batch_layout_averages_per_device_gradients():
     obj = ObjectiveConfig(m=20, n_ft=20)
     key = jax.random.PRNGKey(0)
     for objective in ("pretrain", "zsfs"):
-        cfg = T.TrainConfig(steps=1, batch=512, d=5)
+        cfg = T.TrainConfig(steps=1, batch=512, d=5, sampler="stats")
         got = T.train(key, p0, 0.05, ctx, obj, objective=objective, cfg=cfg, devices=2, layout="batch")
-        local = T.TrainConfig(steps=1, batch=256, d=5)
+        local = T.TrainConfig(steps=1, batch=256, d=5, sampler="stats")
         col = St.Column(objective, "all", 20, 20, "linear")
 
         def loss(p, i):
@@ -142,6 +142,19 @@ def test_batch_layout_averages_per_device_gradients():
         _close(got.params, apply_updates(p0, updates, param_labels(p0, "all")))
         # the two devices drew different prompts (else this would prove little)
         assert not np.allclose(np.asarray(grads[0]["V"]), np.asarray(grads[1]["V"]))
+
+
+def test_auto_sampler_takes_statistics_only_where_they_save_enough_draws():
+    from linattn.data import draws_per_prompt
+    from linattn.minibatch import STATS_WORTH_DRAWS, resolve_sampler
+
+    saved = draws_per_prompt("tokens", 20, 5) - draws_per_prompt("stats", 20, 5)
+    assert saved > 0 and draws_per_prompt("tokens", 0, 5) < draws_per_prompt("stats", 0, 5)
+    assert resolve_sampler("auto", True, saved, 5000 * 5000) == "stats"  # the reference protocol
+    assert resolve_sampler("auto", True, saved, 300 * 500) == "tokens"  # the quick study
+    assert resolve_sampler("auto", True, saved, int(STATS_WORTH_DRAWS // saved) + 1) == "stats"
+    assert resolve_sampler("auto", False, saved, 5000 * 5000) == "tokens"
+    assert resolve_sampler("tokens", True, saved, 5000 * 5000) == "tokens"
 
 
 def test_layout_choice_and_bad_layouts():
