@@ -85,13 +85,17 @@ def test_sim_matches_theory_of_the_same_weights(tiny_run):
     """Monte Carlo error vs exact risk of the very weights evaluated: within 4 SE (Monte Carlo part),
     pooled over all methods, tasks and shots (SPEC section 6)."""
     _, res, _, _ = tiny_run
-    z = []
+    z = {}
     for m in res["methods"].values():
-        for c in m["curves"].values():
-            z.append((np.asarray(c["sim_mean"]) - np.asarray(c["theory"])) / np.asarray(c["sim_se_mc"]))
-    z = np.concatenate(z)
-    assert np.max(np.abs(z)) < 5.0  # ~2000 comparisons: the largest of 2000 normals rarely exceeds 4.5
-    assert abs(np.mean(z)) < 4.0 / np.sqrt(len(z)) * 3  # no systematic bias
+        for task, c in m["curves"].items():
+            z.setdefault(task, []).append((np.asarray(c["sim_mean"]) - np.asarray(c["theory"])) / np.asarray(c["sim_se_mc"]))
+    z = {task: np.concatenate(v) for task, v in z.items()}
+    assert max(np.max(np.abs(v)) for v in z.values()) < 5.0  # ~900 comparisons: the largest rarely exceeds 4.5
+    # No systematic bias. All methods and shot counts of one task read the same prompts (nested in
+    # n), so their z are correlated and a task's mean z has variance at most 1; tasks use
+    # independent prompts, so the mean of the task means has variance at most 1 / tasks.
+    means = np.array([np.mean(v) for v in z.values()])
+    assert abs(np.mean(means)) < 4.0 / np.sqrt(len(means))
 
 
 def test_rerun_with_another_config_is_refused(tiny_run):
