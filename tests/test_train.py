@@ -267,3 +267,21 @@ def test_bad_config_and_data_mismatch():
         T.train(jax.random.PRNGKey(0), p0, -0.1, T.TaskContext(theta0=jnp.ones(4)), cfg=T.TrainConfig(steps=2, batch=4, d=4))
     with pytest.raises(ValueError, match=r"theta0 has shape \(3,\); expected \(4,\)"):
         T.train(jax.random.PRNGKey(0), p0, 0.1, T.TaskContext(theta0=jnp.ones(3)), cfg=T.TrainConfig(steps=2, batch=4, d=4))
+
+
+def test_precompile_fills_the_cache_that_train_plan_reads():
+    """Compiling with placeholder starting parameters, then training from others of the same shapes:
+    no second compilation, and the same result as a plan that compiles for itself."""
+    ctx, p0 = _ft_setup()
+    cfg = T.TrainConfig(steps=7, batch=96, d=3, history=7)
+    start = jax.tree.map(lambda a: a * 0.5, p0)
+    runs = lambda p: [T.Run(jax.random.PRNGKey(s), p, ctx, o, "v", 0.02, cfg=cfg) for s in range(2) for o in ("zs", "zsfs")]
+    assert T.precompile(runs(p0), devices=1).result(timeout=300) == 1
+    cached = len(T._EXECUTABLES)
+    got = T.train_plan(runs(start), devices=1)
+    assert len(T._EXECUTABLES) == cached
+    T._EXECUTABLES.clear()
+    for a, b in zip(got, T.train_plan(runs(start), devices=1)):
+        _close(a.params, b.params, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        T.precompile([T.Run(jax.random.PRNGKey(0), p0, ctx, "zs", "v", -1.0, cfg=cfg)])
