@@ -229,16 +229,20 @@ def unpack(prefix: str, arrays: dict) -> dict:
     return {k[len(prefix):]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
 
 
+def plan_name(tag: str, runs: list) -> str:
+    """The store name of a plan's saved results (by the names of its runs)."""
+    import hashlib
+
+    return f".plan_{tag}_{hashlib.sha1('|'.join(r.name for r in runs).encode()).hexdigest()[:12]}"
+
+
 def planned(store: Store, tag: str, runs: list, train) -> list:
     """train(runs), or the results a killed earlier attempt saved for the very same runs.
 
     The results of a whole plan are kept in DIR/pieces/.plan_TAG.npz until the pieces built from
     them are saved, so a kill during evaluation does not lose the training.
     """
-    import hashlib
-
-    digest = hashlib.sha1("|".join(r.name for r in runs).encode()).hexdigest()[:12]
-    name = f".plan_{tag}_{digest}"
+    name = plan_name(tag, runs)
     if store.has(name):
         z = store.load(name)
         log(f"{tag}: loaded the trained runs of an interrupted attempt")
@@ -383,25 +387,38 @@ def pretrain_pieces(cfg, pieces: list[str], runs: list, results: list, theta0) -
 
     params = {p: stack([r.params for r, run in zip(results, runs) if run.name.startswith(p + "[")]) for p in pieces}
     history = {p: np.stack([r.history for r, run in zip(results, runs) if run.name.startswith(p + "[")]) for p in pieces}
-    sims = evaluate_models(cfg, params, theta0)
-    main = [p for p in pieces if not p.startswith("pretrain_d")]
-    theory = theory_models(cfg, {p: params[p] for p in main}, theta0) if main else {}
+
+    def exact():
+        """Exact curves of each piece's models and its closed-form optimum (one program per d)."""
+        out = {}
+        for p in pieces:
+            d = int(p[len("pretrain_d"):]) if p.startswith("pretrain_d") else cfg.d
+            opt = stack([pretrain_optimum(d, cfg.objective.m, cfg.noise)])
+            c = theory_models(cfg, {"models": params[p], "optimum": opt}, theta0 if d == cfg.d else np.zeros(d))
+            out[p] = c["models"], c["optimum"][0]
+        return out
+
+    sims, theory = in_parallel(lambda: evaluate_models(cfg, params, theta0), exact)
     out = {}
     for p in pieces:
-        mean, se = sims[p]
-        if p.startswith("pretrain_d"):
-            d = int(p[len("pretrain_d"):])
-            rand = lambda tree: task_curves(tree, None, shots_of(cfg), cfg.noise, tasks=("random",))[:, 0]
-            th, opt = rand(params[p]), rand(stack([pretrain_optimum(d, cfg.objective.m, cfg.noise)]))[0]
-            mean, se = mean[:, TASKS.index("random")], se[:, TASKS.index("random")]
+        (mean, se), (th, opt) = sims[p], theory[p]
+        if p.startswith("pretrain_d"):  # random tasks only
+            r = TASKS.index("random")
+            mean, se, th, opt = mean[:, r], se[:, r], th[:, r], opt[r]
         else:
-            th = theory[p]
-            opt = task_curves(stack([pretrain_optimum(cfg.d, cfg.objective.m, cfg.noise)]), theta0, shots_of(cfg),
-                              cfg.noise)[0]
             opt = np.broadcast_to(opt, th.shape)
         out[p] = {**pack("p_", params[p]), "history": history[p], "sim_mean": mean, "sim_se": se, "theory": th,
                   "theory_optimum": opt}
     return out
+
+
+def in_parallel(*fns) -> list:
+    """Results of the calls, made in threads: Monte Carlo evaluation and exact curves compile and run
+    side by side (each compilation is single-threaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(fns)) as pool:
+        return [f.result() for f in [pool.submit(fn) for fn in fns]]
 
 
 # ---- stages B and C: fine-tuning and its theory
@@ -448,8 +465,8 @@ def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0
     idx = {p: [i for i, c in enumerate(cells) if c.piece == p] for p in pieces}
     params = {p: stack([trained[i].params for i in idx[p]]) for p in pieces}
     flow = {p: stack([flows[i].params for i in idx[p]]) for p in pieces}
-    sims = evaluate_models(cfg, params, theta0)
-    theory = theory_models(cfg, {**params, **{f"flow/{p}": f for p, f in flow.items()}}, theta0)
+    sims, theory = in_parallel(lambda: evaluate_models(cfg, params, theta0),
+                               lambda: theory_models(cfg, {**params, **{f"flow/{p}": f for p, f in flow.items()}}, theta0))
     out = {}
     for p in pieces:
         (mean, se), th, fl = sims[p], theory[p], theory[f"flow/{p}"]
@@ -613,6 +630,18 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         if p not in todo_pre:
             log(f"{p}: already done, loaded")
 
+    ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=finetune_data(cfg, theta0)) if todo_ft else None
+    ectx = T.TaskContext(theta0=np.asarray(theta0))
+    if todo_pre and todo_ft:  # compile stages B and C while A runs, from starting points of the right shapes
+        like = {m: stack([init_params(key_for(cfg, "init", s), cfg.d, merged=m == "merged") for s in range(cfg.seeds)])
+                for m in ("merged", "separate")}
+        plan_b = [finetune_run(cfg, c, like, ctx) for c in cells]
+        plan_c = [finetune_run(cfg, c, like, ectx, key=False) for c in cells] + frontier_runs(cfg, todo_ft, like, ectx)
+        if not store.has(plan_name("B", plan_b)):
+            T.precompile(plan_b, devices=devices)
+        if not store.has(plan_name("C", plan_c)):
+            T.precompile(plan_c, source="exact", devices=devices)
+
     # A. pretraining
     if todo_pre:
         t0 = time.time()
@@ -630,13 +659,11 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
             log(f"{p}: already done, loaded")
     if todo_ft:
         t0 = time.time()
-        ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=finetune_data(cfg, theta0))
         runs = [finetune_run(cfg, c, pre, ctx) for c in cells]
         log(f"stage B: fine-tuning {len(runs)} runs ({len(todo_ft)} pieces) in one plan")
         trained = planned(store, "B", runs, lambda r: T.train_plan(
             r, devices=devices, on_progress=progress.stage("stage B", _units(r))))
         t1 = time.time()
-        ectx = T.TaskContext(theta0=np.asarray(theta0))
         flow_runs = [finetune_run(cfg, c, pre, ectx, key=False) for c in cells] + frontier_runs(cfg, todo_ft, pre, ectx)
         flows = planned(store, "C", flow_runs, lambda r: flow_plan(r, devices=devices))
         log(f"stage C: {len(flow_runs)} gradient flows in {time.time() - t1:.0f} s")
