@@ -450,22 +450,43 @@ def agreement_table(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_all(out, dest=None) -> list[str]:
+# every figure as (drawing function, extra arguments), slowest first (drawing time of a full run)
+JOBS = (("fig_heatmaps", ("merged",)), ("fig_heatmaps", ("separate",)), ("fig_theory_vs_sim", ()),
+        ("fig_methods", ()), ("fig_losses", ()), ("fig_frontier", ()), ("fig_pretrained_by_d", ()),
+        ("fig_zs_family", ()), ("fig_value_family", ()))
+
+
+def _draw(out: str, dest: str, job: tuple, styles: dict) -> None:
+    """Draw one figure of JOBS (in a worker process, which loads the results itself) with the
+    caller's styles."""
+    STYLES.update(styles)
+    name, extra = job
+    res, arr = load(out)
+    globals()[name](res, arr, Path(dest), *extra)
+
+
+def plot_all(out, dest=None, workers: int | None = None) -> list[str]:
     """Draw every figure and agreement.md from the results in `out` into `dest` (default: `out`);
-    returns the PNG paths."""
+    returns the PNG paths. Figures are drawn by `workers` processes (default: one per core, at
+    most 4), since matplotlib draws one figure per process at a time."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     out = Path(out)
     dest = out if dest is None else Path(dest)
-    res, arr = load(out)
+    res, _ = load(out)
     dest.mkdir(parents=True, exist_ok=True)
-    fig_pretrained_by_d(res, arr, dest)
-    fig_zs_family(res, arr, dest)
-    fig_value_family(res, arr, dest)
-    fig_theory_vs_sim(res, arr, dest)
-    fig_methods(res, arr, dest)
-    fig_losses(res, arr, dest)
-    fig_heatmaps(res, arr, dest, "merged")
-    fig_heatmaps(res, arr, dest, "separate")
-    fig_frontier(res, arr, dest)
+    for name in res["methods"]:  # every method's style fixed here, the same in every worker
+        style(name)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if workers > 1:  # spawn: the caller may hold JAX's threads, which a fork would copy mid-state
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for f in [pool.submit(_draw, str(out), str(dest), job, dict(STYLES)) for job in JOBS]:
+                f.result()
+    else:
+        for job in JOBS:
+            _draw(str(out), str(dest), job, STYLES)
     (dest / "agreement.md").write_text(agreement_table(res))
     return [str(dest / f"{n}.png") for n in FIGURES]
 
