@@ -20,7 +20,9 @@ The risk source is a plan setting: "mc" (minibatch Monte Carlo, linattn.minibatc
 optimizer, schedule and steps (theory.solver.gradient_flow).
 
 Devices are a call-site setting: `devices=None` uses every local device (on a CPU, linattn asks
-for one device per core when it is imported), `devices=1` one. `layout` "runs" shards the slots
+for one device per core when it is imported), `devices=1` one. Under jax.distributed
+(linattn.distributed) `devices=None` is every device of every process: each process builds and runs
+only its own shards, and the results are gathered so every process returns the same list. `layout` "runs" shards the slots
 over the devices; "batch" splits every step's minibatch over them (B / P prompts each, key
 fold_in(step key, device), losses and gradients averaged with pmean: the same distribution as
 one device, another random stream); "auto" picks per group (choose_layout).
@@ -43,6 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from linattn import data as D
+from linattn import distributed as dist
 from linattn import step as St
 from linattn.minibatch import monte_carlo, resolve_sampler
 from linattn.objectives import ObjectiveConfig, get_objective
@@ -246,11 +249,15 @@ def choose_layout(slots: int, batch: int, n_dev: int, source: str, layout: str =
 
 
 def resolve_devices(devices=None) -> list:
-    """None: every local device; an int n: the first n; or a sequence of devices."""
+    """None: every local device, or under jax.distributed every device of every process
+    (jax.devices()); an int n: the first n local devices (one process only); or a sequence of devices."""
     local = jax.local_devices()
     if devices is None:
-        return local
+        return jax.devices() if dist.multi() else local
     if isinstance(devices, (int, np.integer)):
+        if dist.multi():
+            raise ValueError(f"devices={devices} picks local devices of one process; under jax.distributed "
+                             f"({jax.process_count()} processes) allowed: None (every device) or a list of devices")
         if not 1 <= devices <= len(local):
             raise ValueError(f"devices={devices} must be between 1 and the {len(local)} local devices")
         return local[: int(devices)]
@@ -346,14 +353,24 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
     c = _chunk_size(cfg.steps, chunk)
     init, run = _programs(g, source, layout, tuple(devices), c, k_hist)
     state = init(params0, lrs)
+    steps = None  # the step numbers of a chunk: placed like ctx when processes share the mesh
     if layout != "single":
         mesh = Mesh(np.asarray(devices), (AXIS,))
         spec = NamedSharding(mesh, P(AXIS) if layout == "runs" else P())
-        state, keys, lrs, objs = jax.device_put((state, keys, lrs, objs), spec)
-        ctx = jax.device_put(ctx, NamedSharding(mesh, P()))
+        state, keys, lrs, objs = dist.put((state, keys, lrs, objs), spec)  # each process: its own shards
+        ctx = dist.put(ctx, NamedSharding(mesh, P()))
+        if not spec.is_fully_addressable:
+            steps = NamedSharding(mesh, P())
     sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist), len(cells), str(dtype))
     return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source == "exact",
-                sig=sig)
+                sig=sig, steps=steps)
+
+
+def _steps(prep: dict, start: int):
+    """Step numbers start..start+chunk-1 of a chunk, on the program's mesh when it spans processes."""
+    if prep["steps"] is None:
+        return jnp.arange(start, start + prep["chunk"], dtype=jnp.int32)
+    return dist.put(np.arange(start, start + prep["chunk"], dtype=np.int32), prep["steps"])
 
 
 _EXECUTABLES: dict = {}  # signature -> Future of the compiled executable
@@ -374,8 +391,7 @@ def _compile(prep: dict):
     if owner:
         try:
             with _x64(prep["x64"]):  # JAX config contexts are per thread
-                steps = jnp.arange(prep["chunk"], dtype=jnp.int32)
-                fut.set_result(prep["run"].lower(*prep["args"], steps).compile())
+                fut.set_result(prep["run"].lower(*prep["args"], _steps(prep, 0)).compile())
         except BaseException as e:
             with _EXECUTABLES_LOCK:
                 del _EXECUTABLES[sig]
@@ -432,11 +448,11 @@ def _execute(prep: dict, compiled, on_progress: Optional[Callable], where: tuple
     state, rest = prep["args"][0], prep["args"][1:]
     t0 = time.time()
     for start in range(0, cfg.steps, c):
-        state = compiled(state, *rest, jnp.arange(start, start + c, dtype=jnp.int32))
+        state = compiled(state, *rest, _steps(prep, start))
         if on_progress is not None:
             jax.block_until_ready(state.bad)
             on_progress(*where, start + c, cfg.steps, time.time() - t0)
-    host = jax.tree.map(np.asarray, state)
+    host = dist.to_host(state)  # under jax.distributed: gathered from every process
     hist = host.hist / _bucket_counts(cfg.steps, k_hist)
     out = {}
     R, M = g.cells.shape
@@ -453,11 +469,15 @@ def train_plan(runs: Sequence[Run], *, source: str = "mc", devices=None, layout:
                check: bool = True, on_progress: Optional[Callable] = None) -> list[TrainResult]:
     """Train every run of the plan; results in the order of `runs` (host numpy arrays).
 
+    Under jax.distributed every process calls it with the same runs; each process feeds and runs
+    only its own devices' shards, and every process gets all the results.
+
     The groups' programs are compiled concurrently (one thread per core), then run in turn.
 
     Args:
       source: "mc" (minibatch training) or "exact" (population gradient flow, float64).
-      devices: None (every local device), an int (the first n local devices) or a device list.
+      devices: None (every local device; under jax.distributed every device of every process), an
+        int (the first n local devices) or a device list.
       layout: "auto", "runs" or "batch" (module docstring; ignored on one device).
       chunk: steps per compiled call (progress reports come between calls).
       check: raise TrainingDiverged for the first run whose loss or parameters went non-finite.
