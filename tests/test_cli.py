@@ -16,10 +16,11 @@ import pytest
 from sims import forgetting as S
 
 MODULES = ("sims.forgetting", "sims.plot", "sims.sgd_gap", "sims.benchmark", "theory.risk", "theory.optimal",
-           "theory.bench")
+           "theory.bench", "sims.sweep", "sims.launch")
 
 # (module, argv, substrings of the error line: the bad value and what is allowed). {P}: a valid
-# parameter file, {F}: an existing plain file, {X}: a path that must not be created.
+# parameter file, {F}: an existing plain file, {X}: a path that must not be created; {G...}: grid
+# files (GRIDS below).
 CASES = [
     ("sims.forgetting", ["--methods", "bogus"], ["'bogus'", "allowed", "zs_replay_all"]),
     ("sims.forgetting", ["--methods", "zs_v", "nope"], ["'nope'", "allowed"]),
@@ -82,7 +83,36 @@ CASES = [
     ("sims.benchmark", ["--lr", "nan"], ["--lr", "'nan'", "> 0"]),
     ("sims.benchmark", ["--eval-samples", "0"], ["--eval-samples", "'0'", "> 0"]),
     ("sims.benchmark", ["--devices", "999"], ["--devices 999", "allowed 1.."]),
+    ("sims.sweep", ["{Gaxis}", "--out", "{X}"], ["[axes] 'dd' unknown", "allowed:", "n_ft", "noise"]),
+    ("sims.sweep", ["{Gempty}", "--out", "{X}"], ["[axes] n_ft is empty", "at least one value"]),
+    ("sims.sweep", ["{Gtype}", "--out", "{X}"], ["n_ft: '5' is a str", "allowed: integers"]),
+    ("sims.sweep", ["{Gfloat}", "--out", "{X}"], ["noise: 'high' is a str", "allowed: numbers"]),
+    ("sims.sweep", ["{Gok}", "--out", "{X}", "--max-cells", "3"], ["4 cells", "--max-cells 3", "at most 3"]),
+    ("sims.sweep", ["{Gmethod}", "--out", "{X}"], ["methods: 'zs_bogus' unknown", "allowed", "zs_all"]),
+    ("sims.sweep", ["{Gkey}", "--out", "{X}"], ["grid key 'axis' unknown", "allowed", "axes"]),
+    ("sims.sweep", ["{Gcell}", "--out", "{X}"], ["cell {'n_ft': 8}", "max_shots", ">= n_ft"]),
+    ("sims.sweep", ["{Gshots}", "--out", "{X}"], ["[outputs] shots: 50 > max_shots 40", "allowed: 0..40"]),
+    ("sims.sweep", ["{F}", "--out", "{X}"], ["{F}", "not valid TOML"]),
+    ("sims.sweep", ["{X}", "--out", "{X}"], ["{X}", "cannot read"]),
+    ("sims.sweep", ["{Gok}", "--out", "{F}"], ["{F}", "is a file"]),
+    ("sims.sweep", ["{Gok}", "--out", "{X}", "--max-cells", "0"], ["--max-cells", "'0'", "> 0"]),
+    ("sims.sweep", ["{Gok}"], ["--out"]),
+    ("sims.launch", ["--processes", "0", "--", "true"], ["--processes", "'0'", "> 0"]),
+    ("sims.launch", ["--processes", "2"], ["no command", "after --"]),
+    ("sims.launch", ["--", "true"], ["--processes"]),
 ]
+
+GRIDS = {  # name -> grid file text for the sims.sweep cases
+    "ok": 'methods = ["zs_all"]\nseeds = [0, 1]\n[axes]\nn_ft = [5, 10]\n',
+    "axis": 'methods = ["zs_all"]\nseeds = [0]\n[axes]\ndd = [3]\n',
+    "empty": 'methods = ["zs_all"]\nseeds = [0]\n[axes]\nn_ft = []\n',
+    "type": 'methods = ["zs_all"]\nseeds = [0]\n[axes]\nn_ft = ["5"]\n',
+    "float": 'methods = ["zs_all"]\nseeds = [0]\n[axes]\nnoise = [0.1, "high"]\n',
+    "method": 'methods = ["zs_bogus"]\nseeds = [0]\n[axes]\nn_ft = [5]\n',
+    "key": 'methods = ["zs_all"]\nseeds = [0]\naxis = 1\n[axes]\nn_ft = [5]\n',
+    "cell": 'methods = ["zs_all"]\nseeds = [0]\n[fixed]\nmax_shots = 6\nm = 4\n[axes]\nn_ft = [8]\n',
+    "shots": 'methods = ["zs_all"]\nseeds = [0]\n[axes]\nn_ft = [5]\n[outputs]\nshots = [0, 50]\n',
+}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +123,11 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_inputs")
     assert optimal(["--method", "pretrain", "--out", str(d / "P.json")]) == 0
     (d / "plain.txt").write_text("not a folder, not JSON")
-    return {"{P}": str(d / "P.json"), "{F}": str(d / "plain.txt"), "{X}": str(d / "missing")}
+    grids = {}
+    for name, text in GRIDS.items():
+        (d / f"grid_{name}.toml").write_text(text)
+        grids[f"{{G{name}}}"] = str(d / f"grid_{name}.toml")
+    return {"{P}": str(d / "P.json"), "{F}": str(d / "plain.txt"), "{X}": str(d / "missing"), **grids}
 
 
 def call(module: str, argv: list[str]) -> int:
