@@ -44,10 +44,13 @@ PROG = "python -m sims.sweep"
 TOP = ("methods", "seeds", "fixed", "axes", "outputs")
 EXCLUDED = ("methods", "sweep_methods", "sweep_weights", "sweep_seeds", "frontier_weights", "pretrain_ds", "d_steps",
             "d_seeds", "seed")  # study fields a sweep cell does not take from the grid
-# Rough costs for --dry-run's estimate, measured with sims/grids/tiny.toml on this project's 2-core CPU
-COMPILE_S = 4.0  # seconds to compile one training program
-PROMPT_STEPS_PER_S = 2.0e6  # prompts x steps x methods per second and device
-EVAL_CELL_S = 3.0  # Monte Carlo and exact curves of one cell of the tiny grid
+# Rough costs for --dry-run's estimate (one process) on this project's 2-core CPU: compiling and
+# running a training program of sims/grids/tiny.toml (stages A + B: 43 s for 8 programs) and one
+# evaluation program (Monte Carlo and exact curves: 7-8.5 s per new (d, noise); 0.1 s per further
+# cell); the training rate lies between BENCHMARKS.md's full-run stages A (1.0e6) and B (3.9e6).
+COMPILE_S = 5.5  # seconds per training program
+PROMPT_STEPS_PER_S = 2.0e6  # prompts x steps x methods per second, per device
+EVAL_PROGRAM_S = 7.5  # seconds per distinct evaluation program
 
 
 class GridError(ValueError):
@@ -522,7 +525,7 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------- dry run
 def plan_summary(grid: Grid, cells: list[Cell], devices: int) -> dict:
-    """Cells, training programs and a rough time estimate (COMPILE_S, PROMPT_STEPS_PER_S, EVAL_CELL_S)."""
+    """Cells, training programs and a rough time estimate (COMPILE_S, PROMPT_STEPS_PER_S, EVAL_PROGRAM_S)."""
     import jax.numpy as jnp
 
     from linattn import train as T
@@ -547,7 +550,10 @@ def plan_summary(grid: Grid, cells: list[Cell], devices: int) -> dict:
             slots, cols = g.cells.shape
             work += g.cfg.steps * g.cfg.batch * cols * -(-slots // devices)
             programs.add((g.cfg, g.sigs, slots))
-    seconds = len(programs) * COMPILE_S + work / PROMPT_STEPS_PER_S + len(cells) * EVAL_CELL_S
+    evals = {(c.cfg.d, c.cfg.noise, c.cfg.max_shots, c.cfg.eval_samples, c.cfg.eval_chunk, c.cfg.seeds,
+              len(c.cfg.methods)) for c in cells}  # what an evaluation program's shapes and statics depend on
+    seconds = (len(programs) * COMPILE_S + work / PROMPT_STEPS_PER_S + len(evals) * EVAL_PROGRAM_S
+               + 0.1 * (len(cells) - len(evals)))
     return {"cells": len(cells), "pretraining_runs": len(runs_a), "finetuning_runs": len(runs_b),
             "programs": len(programs), "prompt_steps": work, "estimate_s": seconds}
 
@@ -562,7 +568,8 @@ def dry_run(grid: Grid, cells: list[Cell]) -> None:
     s = plan_summary(grid, cells, jax.device_count())
     print(f"training: {s['pretraining_runs']} pretraining and {s['finetuning_runs']} fine-tuning runs in "
           f"{s['programs']} compiled programs, {s['prompt_steps']:.3g} prompt-steps on {jax.device_count()} devices")
-    print(f"estimate: ~{s['estimate_s']:.0f} s (constants measured with sims/grids/tiny.toml on a 2-core CPU)")
+    print(f"estimate: ~{s['estimate_s']:.0f} s in one process (constants measured on a 2-core CPU: "
+          f"sims.sweep COMPILE_S, PROMPT_STEPS_PER_S, EVAL_PROGRAM_S)")
 
 
 # ---------------------------------------------------------------- CLI
