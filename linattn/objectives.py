@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from linattn.params import tree_sq_dist
+from linattn.params import curvature_dist, tree_sq_dist
 
 # task source -> the fixed task it draws from, given theta0 (None: fresh random tasks each prompt).
 # SPEC section 8. "target" prompts come from the finite fine-tuning dataset when there is one.
@@ -78,6 +78,9 @@ class ObjectiveConfig:
       aux_weight: initial weight of the auxiliary term (may be a traced array for sweeps).
       l2: strength of the pull toward `ref_params` (objective "zs_l2").
       ref_params: reference parameters (the pretrained ones) for pulls; a pytree or None.
+      curvature: (P, P) matrix over the flattened parameter tree (linattn.params.flatten order) for
+        curvature-weighted pulls (objective "ewc": theory.antiforgetting.ewc_config builds it from
+        the exact pretraining risk); None for objectives that do not read it.
     """
 
     m: int = 20
@@ -86,6 +89,7 @@ class ObjectiveConfig:
     aux_weight: Any = 1.0
     l2: Any = 0.1
     ref_params: Optional[Mapping] = None
+    curvature: Any = None
 
     def __post_init__(self):
         if int(self.m) < 0 or int(self.n_ft) < 0:
@@ -97,9 +101,10 @@ class ObjectiveConfig:
         return schedule_weight(self.schedule, progress, self.aux_weight)
 
 
-# Weights and reference parameters are traced (vmap over auxiliary weights); sizes are static.
+# Weights, reference parameters and curvatures are traced per run (vmap over seeds and weights);
+# sizes are static.
 jax.tree_util.register_dataclass(
-    ObjectiveConfig, data_fields=["aux_weight", "l2", "ref_params"], meta_fields=["m", "n_ft", "schedule"]
+    ObjectiveConfig, data_fields=["aux_weight", "l2", "ref_params", "curvature"], meta_fields=["m", "n_ft", "schedule"]
 )
 
 
@@ -192,3 +197,14 @@ def zero_shot_l2(risk, params, progress, cfg):
     if cfg.ref_params is None:
         raise ValueError("objective 'zs_l2' needs ObjectiveConfig.ref_params (the pretrained weights)")
     return risk(params, 0, "target") + cfg.l2 * tree_sq_dist(params, cfg.ref_params)
+
+
+@register_objective("ewc")
+def zero_shot_ewc(risk, params, progress, cfg):
+    """ZS on theta0 + (lambda/2) (params - ref_params)^T F (params - ref_params), lambda = aux_weight (EWC)."""
+    # F = cfg.curvature, the curvature of the pretraining risk at ref_params (issue 10). lambda is held
+    # constant over training: the schedule is not applied (an annealed penalty would end as plain ZS).
+    if cfg.ref_params is None or cfg.curvature is None:
+        raise ValueError("objective 'ewc' needs ObjectiveConfig.ref_params (the pretrained weights) and "
+                         "ObjectiveConfig.curvature (theory.antiforgetting.ewc_config builds both)")
+    return risk(params, 0, "target") + cfg.aux_weight * curvature_dist(params, cfg.ref_params, cfg.curvature)

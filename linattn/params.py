@@ -18,6 +18,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 FORMAT = "linattn-params-v1"
 NORMALIZATIONS = ("tokens", "shots")
@@ -198,6 +199,55 @@ def load_params(path: str | Path, *, dtype=jnp.float32) -> tuple[dict, str]:
 def tree_sq_dist(a: Mapping, b: Mapping) -> jax.Array:
     """Sum of squared differences over all leaves (for L2 pulls toward reference weights)."""
     return sum(jnp.sum((a[k] - b[k]) ** 2) for k in a)
+
+
+def flatten(params: Mapping) -> jax.Array:
+    """Every leaf in one vector, in jax.flatten_util.ravel_pytree order (leaves by sorted name,
+    each row-major): the coordinates of curvature matrices such as theory.antiforgetting's."""
+    return ravel_pytree(dict(params))[0]
+
+
+def curvature_dist(a: Mapping, b: Mapping, curvature) -> jax.Array:
+    """(1/2) (a - b)^T F (a - b) over the flattened trees (`flatten`), F = `curvature` of shape (P, P)
+    with P the number of parameters: the EWC penalty (objective "ewc") when F is the curvature of
+    the pretraining risk at b."""
+    delta = flatten(a) - flatten(b)
+    F = jnp.asarray(curvature)
+    if F.shape != (delta.size, delta.size):
+        raise ValueError(f"curvature has shape {F.shape}; expected ({delta.size}, {delta.size}) for a tree of "
+                         f"{delta.size} parameters (leaves {sorted(a)})")
+    return 0.5 * delta @ (F @ delta)
+
+
+def interpolate(pre: Mapping, ft: Mapping, alpha) -> dict:
+    """WiSE-FT weights (1 - alpha) pre + alpha ft, leaf by leaf (alpha = 0: pre, 1: ft).
+
+    Interpolates the parameters themselves: for separate trees K and Q are interpolated separately,
+    so the effective Q^T K is quadratic in alpha, not the interpolation of the two Q^T K. `alpha`
+    may be traced; a concrete one must lie in [0, 1].
+    """
+    if is_merged(pre) != is_merged(ft):
+        raise ValueError(f"cannot interpolate a tree with leaves {sorted(pre)} and one with leaves {sorted(ft)}; "
+                         "convert both to the same form first (to_merged)")
+    for k in pre:
+        if np.shape(pre[k]) != np.shape(ft[k]):
+            raise ValueError(f"leaf {k!r} has shape {np.shape(pre[k])} in pre but {np.shape(ft[k])} in ft")
+    try:
+        a = np.asarray(alpha, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        a = None  # traced: not checked
+    if a is not None and (a.ndim or not (0.0 <= a <= 1.0)):
+        raise ValueError(f"alpha must be one number in [0, 1]; got {alpha!r}")
+    return {k: (1 - alpha) * pre[k] + alpha * ft[k] for k in pre}
+
+
+def interpolation_path(pre: Mapping, ft: Mapping, alphas) -> dict:
+    """The WiSE-FT trees at every alpha in `alphas`, stacked on a leading axis (A, L, H, D, D)."""
+    alphas = np.asarray(alphas, np.float64)
+    if alphas.ndim != 1 or alphas.size == 0 or np.any(~(alphas >= 0)) or np.any(alphas > 1):
+        raise ValueError(f"alphas must be a non-empty 1-D sequence of numbers in [0, 1]; got {alphas.tolist()}")
+    trees = [interpolate(pre, ft, float(a)) for a in alphas]
+    return {k: jnp.stack([t[k] for t in trees]) for k in pre}
 
 
 def gamma_w(params: Mapping) -> tuple[np.ndarray, np.ndarray]:

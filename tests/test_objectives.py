@@ -58,7 +58,8 @@ def test_objectives_compose_risk_terms():
 def test_every_registered_objective_trains(name):
     p0 = P.init_params(jax.random.PRNGKey(0), 2)
     cfg = T.TrainConfig(steps=30, batch=256, d=2, history=3)
-    obj = O.ObjectiveConfig(m=5, n_ft=5, ref_params=p0)
+    n = P.flatten(p0).size  # per-run data every objective may read: reference weights and a curvature
+    obj = O.ObjectiveConfig(m=5, n_ft=5, ref_params=p0, curvature=jnp.eye(n))
     res = T.train(jax.random.PRNGKey(1), p0, 0.01, T.TaskContext(theta0=jnp.array([0.6, 0.8])), obj, objective=name,
                   cfg=cfg)
     assert res.history.shape == (3,) and np.all(np.isfinite(np.asarray(res.history)))
