@@ -142,6 +142,7 @@ def _methods() -> tuple[Method, ...]:
                 Method(f"zsfs_{sub}", "merged", "zsfs", sub, f"ZS+FS ({lab})")]
     out.append(Method("zs_replay_all", "merged", "zs_replay", "all", "ZS+replay (all)"))
     out.append(Method("zs_l2_all", "merged", "zs_l2", "all", "ZS+L2 to pretrained (all)"))
+    out.append(Method("ewc_all", "merged", "ewc", "all", "EWC (all)"))
     for sub, lab in (("all", "all"), ("k", "K"), ("q", "Q"), ("v", "V")):
         out += [Method(f"sep_zs_{sub}", "separate", "zs", sub, f"ZS ({lab})"),
                 Method(f"sep_zsfs_{sub}", "separate", "zsfs", sub, f"ZS+FS ({lab})")]
@@ -443,11 +444,33 @@ def finetune_cells(cfg, pieces: list[str]) -> list[Cell]:
 
 
 def finetune_run(cfg, cell: Cell, pre: dict, ctx, aux=None, key=True) -> T.Run:
+    """The cell's Run; zs_l2 and ewc get their seed's own pretrained weights as reference, ewc also
+    the curvature there (its lambda is the auxiliary weight, so sweeps and the frontier trace it)."""
     p0 = {k: v[cell.seed] for k, v in pre[cell.method.model].items()}
-    ref = p0 if cell.method.objective == "zs_l2" else None
+    aux = cell.aux if aux is None else aux
+    obj = obj_cfg(cfg, aux, p0 if cell.method.objective in ("zs_l2", "ewc") else None)
+    if cell.method.objective == "ewc":
+        obj = dataclasses.replace(obj, curvature=ewc_curvatures(cfg, pre[cell.method.model])[cell.seed])
     return T.Run(key_for(cfg, "finetune", cell.seed) if key else None, p0, ctx, cell.method.objective,
-                 cell.method.subset, cfg.lr, obj_cfg(cfg, cell.aux if aux is None else aux, ref), ft_config(cfg),
-                 name=f"{cell.piece}[seed {cell.seed}, aux {cell.aux if aux is None else aux:g}]")
+                 cell.method.subset, cfg.lr, obj, ft_config(cfg), name=f"{cell.piece}[seed {cell.seed}, aux {aux:g}]")
+
+
+_CURVATURES: dict = {}
+
+
+def ewc_curvatures(cfg, trees: dict) -> np.ndarray:
+    """EWC's F for every seed of stacked pretrained trees, (S, P, P): the PSD part of the exact Hessian
+    of the pretraining risk at each seed's weights (theory.antiforgetting.ewc_curvature), one
+    program for all seeds, computed once per weights."""
+    import hashlib
+
+    from theory.antiforgetting import ewc_curvature
+
+    digest = hashlib.sha1(b"".join(np.ascontiguousarray(trees[k]).tobytes() for k in sorted(trees))).hexdigest()
+    key = (digest, cfg.objective.m, cfg.noise)
+    if key not in _CURVATURES:
+        _CURVATURES[key] = ewc_curvature(trees, cfg.objective.m, cfg.noise)
+    return _CURVATURES[key]
 
 
 def frontier_runs(cfg, pieces, pre, ctx) -> list[T.Run]:
