@@ -19,7 +19,8 @@ A grid file (TOML, read with the standard library's tomllib):
 
 A cell is one small study: pretraining (sims.forgetting.pretrain_runs; shared by the cells that
 differ only in fine-tuning settings), its methods' fine-tuning (finetune_run), Monte Carlo test
-curves (evaluate_models) and the exact risk of the trained weights (theory_models). The work is
+curves (evaluate_models) and the exact risk of the trained weights (theory_models), of the
+pretrained models (rows "pretrained", "sep_pretrained": the baseline) and of every method. The work is
 three stages over all unfinished cells: A, one engine plan of every pretraining; B, one plan of
 every fine-tuning (cells sharing theta0, data and TrainConfig are fused into one program); C, the
 evaluation, one cell per process at a time. Each stage's results are saved as soon as they exist
@@ -376,15 +377,23 @@ def _model(method: str) -> str:
     return METHOD_BY_NAME[method].model
 
 
-def evaluate_cell(cell: Cell, trained: dict) -> dict:
-    """{method/sim_mean, method/sim_se, method/theory}: arrays (S, T, N) of one cell."""
+def evaluated(cfg) -> list[str]:
+    """The models of a cell's rows: its pretrained models (sims.forgetting.PRETRAINED names), then
+    its methods; the pretrained rows are the baseline that forgetting is measured from."""
+    from sims.forgetting import PRETRAINED
+
+    return [PRETRAINED[m] for m in models_of(cfg)] + list(cfg.methods)
+
+
+def evaluate_cell(cell: Cell, models: dict) -> dict:
+    """{name/sim_mean, name/sim_se, name/theory}: arrays (S, T, N) of one cell's models (evaluated)."""
     from sims.forgetting import evaluate_models, in_parallel, theory_models, theta0_of
 
     theta0 = theta0_of(cell.cfg)
-    sims, theory = in_parallel(lambda: evaluate_models(cell.cfg, trained, theta0),
-                               lambda: theory_models(cell.cfg, trained, theta0))
+    sims, theory = in_parallel(lambda: evaluate_models(cell.cfg, models, theta0),
+                               lambda: theory_models(cell.cfg, models, theta0))
     out = {}
-    for m in cell.cfg.methods:
+    for m in evaluated(cell.cfg):
         out[f"{m}/sim_mean"], out[f"{m}/sim_se"], out[f"{m}/theory"] = sims[m][0], sims[m][1], theory[m]
     return out
 
@@ -394,11 +403,14 @@ def _layout(cell: Cell) -> list[tuple[str, tuple]]:
     from sims.forgetting import TASKS
 
     shape = (cell.cfg.seeds, len(TASKS), cell.cfg.max_shots + 1)
-    return [(f"{m}/{k}", shape) for m in cell.cfg.methods for k in ("sim_mean", "sim_se", "theory")]
+    return [(f"{m}/{k}", shape) for m in evaluated(cell.cfg) for k in ("sim_mean", "sim_se", "theory")]
 
 
-def stage_c(cells: list[Cell], trained: dict, store, log) -> None:
-    """Evaluate the cells without a saved piece, one per process at a time; process 0 saves each."""
+def stage_c(cells: list[Cell], trained: dict, pre: dict, store, log) -> None:
+    """Evaluate the cells without a saved piece (their pretrained and fine-tuned models), one per
+    process at a time; process 0 saves each."""
+    from sims.forgetting import PRETRAINED
+
     import jax
     import numpy as np
 
@@ -413,7 +425,9 @@ def stage_c(cells: list[Cell], trained: dict, store, log) -> None:
         sizes = [sum(math.prod(s) for _, s in _layout(c)) for c in batch]
         vec = np.zeros(max(sizes), np.float64)
         if me < len(batch):
-            res = evaluate_cell(batch[me], trained[batch[me].id])
+            c = batch[me]
+            base = {PRETRAINED[model]: tree for model, tree in _pre_of(c, pre).items()}
+            res = evaluate_cell(c, {**base, **trained[c.id]})
             flat = np.concatenate([np.asarray(res[k], np.float64).ravel() for k, _ in _layout(batch[me])])
             vec[:flat.size] = flat
         got = dist.gather_bits(vec)
@@ -436,8 +450,8 @@ COLUMNS = ("method", "train_seed", "task", "shots", "sim_mean", "sim_se", "theor
 
 
 def write_table(grid: Grid, cells: list[Cell], store, path: Path) -> int:
-    """DIR/results.csv: one row per cell, method, training seed, task and shot count; floats as
-    Python's shortest round-trip repr. Returns the number of rows."""
+    """DIR/results.csv: one row per cell, model (the pretrained ones, then the methods), training
+    seed, task and shot count; floats as Python's shortest round-trip repr. Returns the number of rows."""
     from sims.forgetting import TASKS
 
     header = ("seed", *grid.axes, *COLUMNS)
@@ -449,7 +463,7 @@ def write_table(grid: Grid, cells: list[Cell], store, path: Path) -> int:
         for c in cells:
             z = store.load(f"cell_{c.id}")
             shots = range(c.cfg.max_shots + 1) if grid.shots is None else grid.shots
-            for m in c.cfg.methods:
+            for m in evaluated(c.cfg):
                 for s in range(c.cfg.seeds):
                     for task in grid.tasks:
                         t = TASKS.index(task)
@@ -490,9 +504,9 @@ def run_sweep(grid: Grid, out, *, grid_file: str = "", stop_after: int | None = 
         saved = done_mask(store, [f"cell_{c.id}" for c in cells])
         todo = [c for c, s in zip(cells, saved) if not s]
         if len(todo) > stop_after:
-            stage_c(todo[:stop_after], trained, store, log)
+            stage_c(todo[:stop_after], trained, pre, store, log)
             raise StopRequested(f"stopped after {stop_after} new cells (--stop-after)")
-    stage_c(cells, trained, store, log)
+    stage_c(cells, trained, pre, store, log)
     rows = 0
     if writer:
         rows = write_table(grid, cells, store, out / "results.csv")
