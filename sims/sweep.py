@@ -25,7 +25,8 @@ three stages over all unfinished cells: A, one engine plan of every pretraining;
 every fine-tuning (cells sharing theta0, data and TrainConfig are fused into one program); C, the
 evaluation, one cell per process at a time. Each stage's results are saved as soon as they exist
 (DIR/pieces), so a rerun, with any number of processes, does only what is missing. Process 0
-writes every file: DIR/results.csv (one row per run, task and shot count) and DIR/config.json.
+writes every file: DIR/results.csv (one row per run, task and shot count), DIR/config.json and
+DIR/grid.png (every cell's error at the largest output shot count: exact risk and Monte Carlo).
 """
 
 from __future__ import annotations
@@ -475,6 +476,62 @@ def write_table(grid: Grid, cells: list[Cell], store, path: Path) -> int:
     return rows
 
 
+def figure_points(grid: Grid, cells: list[Cell], store) -> dict:
+    """{(task, model): (cell indices, sim mean, sim SE, theory)} at each cell's largest output shot
+    count, seed means (the SE over seeds of the Monte Carlo errors: sqrt(sum se^2) / S)."""
+    import numpy as np
+
+    from sims.forgetting import TASKS
+
+    out: dict = {}
+    for i, c in enumerate(cells):
+        z = store.load(f"cell_{c.id}")
+        n = c.cfg.max_shots if grid.shots is None else max(grid.shots)
+        for task in grid.tasks:
+            t = TASKS.index(task)
+            for m in evaluated(c.cfg):
+                se = z[f"{m}/sim_se"][:, t, n]
+                pts = out.setdefault((task, m), ([], [], [], []))
+                for lst, v in zip(pts, (i, z[f"{m}/sim_mean"][:, t, n].mean(), np.sqrt(np.sum(se**2)) / se.size,
+                                        z[f"{m}/theory"][:, t, n].mean())):
+                    lst.append(float(v))
+    return out
+
+
+def draw(grid: Grid, cells: list[Cell], store, path: Path) -> None:
+    """DIR/grid.png: one panel per output task; x the cells (their axis values), y the test error at
+    the largest output shot count of every model: exact risk of the trained weights (marker) and
+    Monte Carlo ± SE (bar), seed means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = figure_points(grid, cells, store)
+    models = list(dict.fromkeys(m for _, m in points))
+    fig, axes = plt.subplots(len(grid.tasks), 1, figsize=(max(6.0, 0.6 * len(cells) + 2.5), 2.8 * len(grid.tasks)),
+                             squeeze=False, sharex=True)
+    width = 0.6 / max(len(models), 1)
+    for row, task in enumerate(grid.tasks):
+        ax = axes[row, 0]
+        for k, m in enumerate(models):
+            x, sim, se, th = points[(task, m)]
+            x = [v + (k - (len(models) - 1) / 2) * width for v in x]
+            color = f"C{k}"
+            ax.errorbar(x, sim, yerr=se, fmt="none", color=color, capsize=2)
+            ax.plot(x, th, "o", color=color, markersize=4, label=m if row == 0 else None)
+        shot = "largest shot count" if grid.shots is None else f"n = {max(grid.shots)}"
+        ax.set_ylabel(f"error on {task}\n({shot})")
+        ax.grid(alpha=0.3)
+    labels = [f"s{c.seed} " + " ".join(f"{k}={v:g}" for k, v in c.values.items()) for c in cells]
+    axes[-1, 0].set_xticks(range(len(cells)), labels, rotation=60, ha="right", fontsize=8)
+    fig.legend(loc="upper center", ncol=len(models), fontsize=8, frameon=False, title_fontsize=8,
+               title="marker: exact risk of the trained weights; bar: Monte Carlo ± SE (seed means)")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_config(grid: Grid, cells: list[Cell], out: Path, path_text: str) -> None:
     from linattn.records import versions
 
@@ -510,6 +567,7 @@ def run_sweep(grid: Grid, out, *, grid_file: str = "", stop_after: int | None = 
     rows = 0
     if writer:
         rows = write_table(grid, cells, store, out / "results.csv")
+        draw(grid, cells, store, out / "grid.png")
         log(f"{len(cells)} cells, {rows} rows in {out / 'results.csv'}; {time.time() - t0:.1f} s")
     return rows
 

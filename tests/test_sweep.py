@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sims import sweep as W
+from sims.forgetting import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = """
@@ -94,6 +95,11 @@ def test_one_process_table(reference, grid):
     assert max(z) < 5.0, max(z)
     import json
 
+    assert (reference / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pts = W.figure_points(W.read_grid(grid), W.cells_of(W.read_grid(grid)), Store(reference))
+    x, sim, se, th = pts[("minus_theta0", "zs_all")]  # the figure's points are the table's rows at n = 6
+    want = [r for r in table if r["task"] == "minus_theta0" and r["method"] == "zs_all" and r["shots"] == "6"]
+    assert x == [0, 1, 2, 3] and th == [float(r["theory"]) for r in want] and sim == [float(r["sim_mean"]) for r in want]
     cfg = json.loads((reference / "config.json").read_text())
     assert len(cfg["cells"]) == 4 and cfg["versions"]["jax"] and cfg["grid"]["methods"] == ["zs_all", "zs_v"]
 
