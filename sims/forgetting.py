@@ -40,7 +40,7 @@ from linattn import data as D
 from linattn import train as T
 from linattn.evaluate import TEST_TASKS, seed_stats, test_errors
 from linattn.objectives import ObjectiveConfig
-from linattn.params import gamma_w, init_params, params_to_json, to_merged
+from linattn.params import gamma_w, init_params, interpolate, params_to_json, to_merged
 from linattn.records import versions
 from theory.risk import task_curves
 from theory.solver import flow_plan
@@ -532,6 +532,26 @@ def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0
             "zsfs_v_flow_omega": g * w}
 
 
+WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT weights along pretrained -> ZS (all)
+
+
+def run_wise(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
+    """WiSE-FT (linattn.params.interpolate) from each seed's pretrained weights to its full ZS
+    fine-tuning (zs_all), at WISE_ALPHAS: arrays (A, S, T, N) of the Monte Carlo curves of the
+    interpolated SGD end points (sim_mean, sim_se), their exact risk (theory) and the exact risk of
+    the interpolation to the seed's gradient-flow end point (theory_optimum, the prediction)."""
+    sgd, flow = unpack("p_", zs_piece), unpack("flow_", zs_piece)
+    pre = {k: np.asarray(v, np.float64) for k, v in pre_params.items()}
+    models = {f"{a:g}": interpolate(pre, {k: np.asarray(v, np.float64) for k, v in sgd.items()}, a) for a in WISE_ALPHAS}
+    flows = {f"flow/{a:g}": interpolate(pre, {k: np.asarray(v, np.float64) for k, v in flow.items()}, a)
+             for a in WISE_ALPHAS}
+    sims, theory = in_parallel(lambda: evaluate_models(cfg, models, theta0),
+                               lambda: theory_models(cfg, {**models, **flows}, theta0))
+    return {"alphas": np.asarray(WISE_ALPHAS, np.float64), "sim_mean": np.stack([sims[k][0] for k in models]),
+            "sim_se": np.stack([sims[k][1] for k in models]), "theory": np.stack([theory[k] for k in models]),
+            "theory_optimum": np.stack([theory[f"flow/{k}"] for k in models])}
+
+
 # ---------------------------------------------------------------- the study driver
 def selected_methods(cfg: StudyConfig) -> tuple[Method, ...]:
     """The methods a config runs: cfg.methods (plus what the sweeps and theory families need), or all."""
@@ -700,6 +720,9 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         t0 = time.time()
         save("families", run_families(cfg, pre["merged"], unpack("flow_", store.load("zs_all")),
                                       unpack("flow_", store.load("zsfs_v")), theta0), t0)
+    if not store.has("wise_zs_all"):
+        t0 = time.time()
+        save("wise_zs_all", run_wise(cfg, pre["merged"], store.load("zs_all"), theta0), t0)
     for f in store.dir.glob(".plan_*.npz"):  # every piece built from them is saved
         f.unlink()
     results = assemble(cfg, out, store, theta0)
@@ -815,9 +838,16 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
     fam = store.load("families")
     for k, v in fam.items():
         arrays[f"families/{k}"] = v
+    wise = store.load("wise_zs_all")
+    wise_curves = {f"{a:g}": curves_json(cfg, {k: wise[k][i] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")})
+                   for i, a in enumerate(wise["alphas"])}
+    for k in ("alphas", "sim_mean", "sim_se", "theory", "theory_optimum"):
+        arrays[f"wise/zs_all/{k}"] = wise[k]
     results = {"config": cfg.to_json(), "versions": versions(), "theta0": theta0.tolist(), "tasks": list(TASKS),
                "methods": methods, "sweeps": sweeps, "pretrain_ds": [cfg.d, *cfg.pretrain_ds], "pretrain_d": pre_d,
-               "seconds": timing}
+               "seconds": timing,
+               "wise": {"zs_all": {"alphas": wise["alphas"].tolist(), "curves": wise_curves,
+                                   "agreement": {a: {t: agreement(c) for t, c in cs.items()} for a, cs in wise_curves.items()}}}}
     (out / "results.json").write_text(json.dumps(results))
     np.savez(out / "results.npz", **arrays)
     return results

@@ -54,7 +54,7 @@ def test_rerun_computes_only_missing_pieces(tiny_run):
     assert not list((out / "pieces").glob(".plan_*")), "plan caches are removed once their pieces are saved"
     assert victim in after and victim not in before
     assert {k: after[k] for k in before} == before, "a finished piece was recomputed"
-    assert len(after) == len(TINY_NAMES) + len(TINY.sweep_methods) + len(TINY.pretrain_ds) + 1
+    assert len(after) == len(TINY_NAMES) + len(TINY.sweep_methods) + len(TINY.pretrain_ds) + 2  # + families, wise_zs_all
 
 
 def test_results_json_layout(tiny_run):
@@ -78,7 +78,17 @@ def test_results_json_layout(tiny_run):
     assert cfg["root_seed"] == TINY.seed and cfg["config"] == res["config"]
     with np.load(out / "results.npz") as z:
         assert z["zs_all/sim_mean"].shape == (TINY.seeds, 3, 41)
+        assert z["wise/zs_all/sim_mean"].shape == (len(S.WISE_ALPHAS), TINY.seeds, 3, 41)
         assert z["zs_all/params/KQ"].shape == (TINY.seeds, 1, 1, 7, 7)
+    wise = res["wise"]["zs_all"]  # WiSE-FT: alpha = 0 is the pretrained model, 1 the fine-tuned one
+    assert wise["alphas"] == list(S.WISE_ALPHAS)
+    for task in ("theta0", "minus_theta0", "random"):
+        np.testing.assert_allclose(wise["curves"]["0"][task]["theory"], res["methods"]["pretrained"]["curves"][task]["theory"],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(wise["curves"]["1"][task]["theory"], res["methods"]["zs_all"]["curves"][task]["theory"],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(wise["curves"]["1"][task]["theory_optimum"],
+                                   res["methods"]["zs_all"]["curves"][task]["theory_optimum"], rtol=1e-6)
 
 
 def test_sim_matches_theory_of_the_same_weights(tiny_run):
