@@ -951,6 +951,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.full:
         args.quick = True
+    from linattn.distributed import settings_from_env
+
+    try:
+        several = settings_from_env() is not None
+    except ValueError as err:
+        p.error(str(err))
+    if several:
+        p.error("started as one of several processes (sims.launch or a cluster's environment): sims.forgetting "
+                "runs in one process; allowed: several processes for python -m sims.sweep")
     for module in args.imports:
         try:
             importlib.import_module(module)

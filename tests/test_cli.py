@@ -235,3 +235,14 @@ def test_theory_optimal_says_what_it_wrote(files, tmp_path, capsys):
     assert written["format"] == "linattn-params-v1"
     entries = np.abs(np.asarray(written["KQ"] + written["V"], dtype=float)).ravel()
     assert np.all((entries == 0) | (entries > 1e-12)) and np.sum(entries == 0) > 0  # zeros printed as 0, not 1e-16
+
+
+def test_forgetting_refuses_to_run_as_one_of_several_processes(tmp_path, monkeypatch, capsys):
+    """Under sims.launch every process would run the whole study into one folder: refused, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in {"LINATTN_COORDINATOR": "127.0.0.1:1", "LINATTN_NUM_PROCESSES": "2", "LINATTN_PROCESS_ID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    assert call("sims.forgetting", ["--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sims.sweep" in err[0] and "one process" in err[0], err
+    assert not list(tmp_path.iterdir())
