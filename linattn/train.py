@@ -121,7 +121,7 @@ class Run:
 
     key: PRNG key (typed or raw uint32); runs of a group with equal keys see the same minibatches.
     params0: starting parameter tree (linattn.params).
-    obj: ObjectiveConfig; its arrays (aux_weight, l2, ref_params) are per-run data.
+    obj: ObjectiveConfig; its arrays (aux_weight, l2, ref_params, curvature) are per-run data.
     """
 
     key: Any
@@ -156,8 +156,9 @@ def _column_sig(run: Run):
     o = run.obj
     col = St.Column(run.objective, run.subset, int(o.m), int(o.n_ft), o.schedule)
     shapes = tuple((k, tuple(np.shape(v)), str(jnp.asarray(v).dtype)) for k, v in sorted(run.params0.items()))
-    ref = jax.tree.structure(o.ref_params), tuple(np.shape(a) for a in jax.tree.leaves(o.ref_params))
-    return col, shapes, ref
+    # every per-run data field (weights, reference parameters, curvature): runs of one column stack them
+    data = jax.tree.structure(o), tuple(np.shape(a) for a in jax.tree.leaves(o))
+    return col, shapes, data
 
 
 def _check_run(i: int, run: Run, source: str) -> None:

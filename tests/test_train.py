@@ -285,3 +285,16 @@ def test_precompile_fills_the_cache_that_train_plan_reads():
         _close(a.params, b.params, rtol=0, atol=0)
     with pytest.raises(ValueError, match="learning rate"):
         T.precompile([T.Run(jax.random.PRNGKey(0), p0, ctx, "zs", "v", -1.0, cfg=cfg)])
+
+
+def test_runs_of_one_objective_with_and_without_per_run_data_split_into_columns():
+    """A curvature given to one zs run and not to another: two columns, each equal to its own run."""
+    ctx, p0 = _ft_setup()
+    cfg = T.TrainConfig(steps=4, batch=64, d=3, history=4)
+    P_ = sum(int(np.size(v)) for v in p0.values())
+    objs = [ObjectiveConfig(), ObjectiveConfig(curvature=np.zeros((P_, P_)))]
+    runs = [T.Run(jax.random.PRNGKey(0), p0, ctx, "zs", "v", 0.02, o, cfg) for o in objs]
+    assert len(T.plan_groups(runs, "mc")[0].sigs) == 2
+    got = T.train_plan(runs, devices=1)
+    for run, res in zip(runs, got):
+        _close(res.params, T.train_plan([run], devices=1)[0].params)
