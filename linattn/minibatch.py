@@ -7,7 +7,8 @@ requested term {(method, shots, task source): value}. Each (shots, task source) 
 prompts once, from the key fold_in(fold_in(key, shots), source index), so every method of a
 program sees the same prompts (common random numbers). One-layer models read the prompts through
 their statistics (zq, S) (linattn.model.predict_many_from_stats: two matrix products shared by
-the M methods), drawn directly by the statistics sampler where that pays (resolve_sampler). Deeper models read the tokens themselves (linattn.model.predict).
+the M methods), drawn directly by the statistics sampler where that pays (resolve_sampler).
+Deeper models read the tokens themselves (linattn.model.predict).
 The exact counterpart with the same signature is theory.risk.exact_source.
 """
 

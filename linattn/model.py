@@ -93,6 +93,14 @@ def predict_from_stats(params: Mapping, zq: jax.Array, S: jax.Array, n, *, norma
     return predict_many_from_stats([params], zq, S, n, normalization=normalization)[..., 0]
 
 
+def _stacked_one_layer(params: Sequence[Mapping], what: str):
+    """(KQ (M, H, D, D), value rows (M, H, D)) of M one-layer trees; ValueError for deeper ones."""
+    for p in params:
+        if p["V"].shape[0] != 1:
+            raise ValueError(f"{what} is for one-layer models; these parameters have {p['V'].shape[0]} layers")
+    return jnp.stack([effective_kq(p)[0] for p in params]), jnp.stack([value_row(p)[0] for p in params])
+
+
 def predict_many_from_stats(params: Sequence[Mapping], zq: jax.Array, S: jax.Array, n, *,
                             normalization: str = "tokens"):
     """predict_from_stats of M one-layer models (same heads and d) on the same prompts: (..., M).
@@ -103,16 +111,11 @@ def predict_many_from_stats(params: Sequence[Mapping], zq: jax.Array, S: jax.Arr
     XLA runs faster on CPU for many models (measured at d = 5: 3.5 ms against 9.6 ms for the
     loss and gradient of 17 models at 5000 prompts; 0.9 ms against 1.7 ms for one model).
     """
-    for p in params:
-        if p["V"].shape[0] != 1:
-            raise ValueError(f"predict_from_stats is for one-layer models; these parameters have "
-                             f"{p['V'].shape[0]} layers")
+    kq, v = _stacked_one_layer(params, "predict_from_stats")
     if len(params) > FEATURES_FROM and zq.ndim == 2:
         C = jnp.stack([_coefficients(p) for p in params], axis=1)  # (F, M)
         y = _features(zq, S) @ C
         return jnp.broadcast_to(jnp.expand_dims(norm_factor(n, normalization), -1), y.shape) * y
-    kq = jnp.stack([effective_kq(p)[0] for p in params])  # (M, H, D, D)
-    v = jnp.stack([value_row(p)[0] for p in params])  # (M, H, D)
     u = jnp.einsum("...i,mhij->...mhj", zq, kq)
     Sv = jnp.einsum("...jk,mhk->...mhj", S, v)
     y = jnp.mean(jnp.sum(u * Sv, axis=-1), axis=-1)
@@ -127,11 +130,7 @@ def predict_prefixes(params: Sequence[Mapping], Z: jax.Array, *, normalization: 
     first n demonstrations. The prediction is linear in S, so it is the query's term plus a cumulative
     sum of per-demonstration terms (zq^T KQ_h z_j)(z_j . v_h): O(N M H D) per prompt.
     """
-    for p in params:
-        if p["V"].shape[0] != 1:
-            raise ValueError(f"predict_prefixes is for one-layer models; these parameters have {p['V'].shape[0]} layers")
-    kq = jnp.stack([effective_kq(p)[0] for p in params])  # (M, H, D, D)
-    v = jnp.stack([value_row(p)[0] for p in params])  # (M, H, D)
+    kq, v = _stacked_one_layer(params, "predict_prefixes")
     zq = Z[:, -1]
     w = jnp.einsum("bi,mhij->bmhj", zq, kq)
     terms = jnp.mean(jnp.einsum("bmhj,bnj->bnmh", w, Z) * jnp.einsum("mhj,bnj->bnmh", v, Z), axis=-1)  # (B, N, M)
