@@ -61,3 +61,20 @@ def _bounded(kind, ok, what):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def number_list(text: str, what: str, kind=float) -> list:
+    """Comma-separated finite numbers of `kind` (int or float); ValueError naming the bad entry, or
+    the option when there is none."""
+    noun = "integers" if kind is int else "numbers"
+    vals = []
+    for s in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            vals.append(kind(s))
+        except ValueError:
+            raise ValueError(f"{what} must be comma-separated {noun}; got {s!r} in {text!r}") from None
+        if not math.isfinite(vals[-1]):
+            raise ValueError(f"{what} must be finite {noun}; got {s!r}")
+    if not vals:
+        raise ValueError(f"{what} is empty; allowed: comma-separated {noun}")
+    return vals

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linattn.cli import Parser, non_negative
+from linattn.cli import Parser, non_negative, number_list
 from linattn.model import check_normalization
 from linattn.objectives import ObjectiveConfig
 from linattn.optim import param_labels, trainable_vector
@@ -175,13 +175,6 @@ def value_only(name: str, pretrained: Mapping, theta0, cfg: ObjectiveConfig = Ob
 
 
 # ---------------------------------------------------------------- CLI
-def _floats(text, what):
-    try:
-        return [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers; got {text!r}") from None
-
-
 def build(method: str, d: int, shots: int, noise: float, normalization: str, theta0=None, pretrained=None,
           n_ft: int = 20, k00: float | None = None) -> dict:
     """The parameters a CLI method names (see main)."""
@@ -242,7 +235,7 @@ def main(argv=None) -> int:
                 pre, norm = load_params(args.params, dtype=jnp.float64)
                 if pre["V"].shape[-1] != args.d + 2:
                     args.d = pre["V"].shape[-1] - 2
-            theta = None if args.theta is None else _floats(args.theta, "--theta")
+            theta = None if args.theta is None else number_list(args.theta, "--theta")
             out = build(args.method, args.d, args.shots, args.noise, norm, theta, pre, args.n_ft, args.k00)
         except ValueError as err:
             p.error(str(err))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linattn.cli import Parser, non_negative
+from linattn.cli import Parser, non_negative, number_list
 from linattn.data import check_shots
 from linattn.evaluate import TEST_TASKS
 from linattn.model import check_normalization, norm_factor
@@ -289,21 +289,6 @@ def population_objective(
 
 
 # ---------------------------------------------------------------- CLI
-def _ints(text: str, what: str) -> list[int]:
-    vals = []
-    for s in text.split(","):
-        s = s.strip()
-        if not s:
-            continue
-        try:
-            vals.append(int(s))
-        except ValueError:
-            raise ValueError(f"{what} must be comma-separated integers; got {s!r}") from None
-    if not vals:
-        raise ValueError(f"{what} is empty")
-    return vals
-
-
 CLI_TASKS = {"random": "sphere", "sphere": "sphere", "gaussian": "gaussian"}  # --task name -> risk's task
 
 
@@ -323,12 +308,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with jax.enable_x64(True):
         try:
-            shots = check_shots(_ints(args.shots, "--shots"))
+            shots = check_shots(number_list(args.shots, "--shots", int))
             if args.task == "fixed" and args.theta is None:
                 raise ValueError("--task fixed needs --theta=t1,t2,... (the task vector)")
             if args.task != "fixed" and args.theta is not None:
                 raise ValueError(f"--theta is only for --task fixed (got --task {args.task})")
-            task = np.asarray(_floats(args.theta, "--theta")) if args.task == "fixed" else CLI_TASKS[args.task]
+            task = np.asarray(number_list(args.theta, "--theta")) if args.task == "fixed" else CLI_TASKS[args.task]
             params, norm = load_params(args.params, dtype=jnp.float64)
             if args.task == "fixed" and task.shape != (params["V"].shape[-1] - 2,):
                 raise ValueError(f"--theta has {task.size} entries; the parameters in {args.params!r} need "
@@ -338,19 +323,6 @@ def main(argv=None) -> int:
             p.error(str(err))
     print(json.dumps({"shots": shots.tolist(), "risk": np.asarray(r, np.float64).tolist()}))
     return 0
-
-
-def _floats(text: str, what: str) -> list[float]:
-    """Comma-separated finite numbers; ValueError naming the bad entry."""
-    vals = []
-    for s in (t for t in text.split(",") if t.strip()):
-        try:
-            vals.append(float(s))
-        except ValueError:
-            raise ValueError(f"{what} must be comma-separated numbers; got {s.strip()!r} in {text!r}") from None
-        if not np.isfinite(vals[-1]):
-            raise ValueError(f"{what} must be finite numbers; got {s.strip()!r}")
-    return vals
 
 
 if __name__ == "__main__":
