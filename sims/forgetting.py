@@ -1,6 +1,6 @@
 """The forgetting study: pretrain, fine-tune with every method, evaluate against exact theory.
 
-    python -m sims.forgetting --quick            # the README's main job (a few minutes on 2 CPU cores)
+    python -m sims.forgetting --quick            # the README's main job (about 75 s on 2 CPU cores)
     python -m sims.forgetting --full             # reference protocol (SPEC section 3), 5 seeds
     python -m sims.forgetting --full --batch 2000 --out runs/mine   # any field can be overridden
     python -m sims.plot DIR                      # redraw the figures from DIR/results.*
@@ -219,7 +219,7 @@ class Store:
 
 
 class StopRequested(Exception):
-    """Raised by --stop-after (a simulated crash) once that many new pieces are done."""
+    """Raised by --stop-after (a simulated crash) once that many new pieces (a sweep: cells) are done."""
 
 
 def pack(prefix: str, tree: dict) -> dict:
@@ -359,6 +359,12 @@ def ft_config(cfg) -> T.TrainConfig:
 
 
 # ---- stage A: pretraining
+def pretrained_like(cfg, model: str) -> dict:
+    """A stacked (seeds, ...) tree with the shapes and dtype of a pretraining piece's parameters
+    (their initial values): what programs that start from pretrained weights compile against."""
+    return stack([init_params(key_for(cfg, "init", s), cfg.d, merged=model == "merged") for s in range(cfg.seeds)])
+
+
 def pretrain_runs(cfg, pieces: list[str]) -> list[T.Run]:
     """Runs of the missing pretraining pieces ("pretrain_merged", "pretrain_separate", "pretrain_dD")."""
     runs = []
@@ -628,9 +634,9 @@ def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
     return out
 
 
-def check_config(out: Path, cfg: StudyConfig) -> None:
-    """Refuse a folder holding another config; write DIR/config.json."""
-    _refuse_other_config(out, cfg)
+def write_config(out: Path, cfg: StudyConfig) -> None:
+    """Write DIR/config.json (the config, the root seed, package versions); the caller has refused a
+    folder holding another config (_refuse_other_config) before creating it."""
     path = out / "config.json"
     path.write_text(json.dumps({"config": cfg.to_json(), "root_seed": cfg.seed, "versions": versions()}, indent=1))
 
@@ -648,7 +654,7 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     check_out(out)
     _refuse_other_config(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    check_config(out, cfg)
+    write_config(out, cfg)
     store = Store(out)
     theta0 = theta0_of(cfg)
     pre_names, ft_names = piece_names(cfg)
@@ -676,8 +682,7 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=finetune_data(cfg, theta0)) if todo_ft else None
     ectx = T.TaskContext(theta0=np.asarray(theta0))
     if todo_pre and todo_ft:  # compile stages B and C while A runs, from starting points of the right shapes
-        like = {m: stack([init_params(key_for(cfg, "init", s), cfg.d, merged=m == "merged") for s in range(cfg.seeds)])
-                for m in ("merged", "separate")}
+        like = {m: pretrained_like(cfg, m) for m in ("merged", "separate")}
         plan_b = [finetune_run(cfg, c, like, ctx) for c in cells]
         plan_c = [finetune_run(cfg, c, like, ectx, key=False) for c in cells] + frontier_runs(cfg, todo_ft, like, ectx)
         if not store.has(plan_name("B", plan_b)):

@@ -242,11 +242,9 @@ def _like_params(cfg, model: str) -> dict:
     """Zeros shaped like a pretraining piece's stacked parameters ("p_" + leaf: (seeds, ...))."""
     import numpy as np
 
-    from linattn.params import init_params
-    from sims.forgetting import key_for, stack
+    from sims.forgetting import pretrained_like
 
-    tree = stack([init_params(key_for(cfg, "init", s), cfg.d, merged=model == "merged") for s in range(cfg.seeds)])
-    return {f"p_{k}": np.zeros_like(np.asarray(v)) for k, v in tree.items()}
+    return {f"p_{k}": np.zeros_like(np.asarray(v)) for k, v in pretrained_like(cfg, model).items()}
 
 
 def load_shared(store, name: str, like: dict) -> dict:
@@ -443,10 +441,6 @@ def stage_c(cells: list[Cell], trained: dict, pre: dict, store, log) -> None:
             f"{len(batch)})")
 
 
-class StopRequested(Exception):
-    """--stop-after: the sweep stops (exit 3) once that many cells are saved, to test resuming."""
-
-
 COLUMNS = ("method", "train_seed", "task", "shots", "sim_mean", "sim_se", "theory")
 
 
@@ -544,7 +538,7 @@ def write_config(grid: Grid, cells: list[Cell], out: Path, path_text: str) -> No
 def run_sweep(grid: Grid, out, *, grid_file: str = "", stop_after: int | None = None, log=None) -> int:
     """Run (or resume) every cell of the grid into `out`; returns the rows of results.csv."""
     from linattn import distributed as dist
-    from sims.forgetting import Store
+    from sims.forgetting import StopRequested, Store
 
     log = log or _log
     out = Path(out)
@@ -683,6 +677,8 @@ def main(argv=None) -> int:
         if dist.is_writer():
             dry_run(grid, cells)
         return 0
+    from sims.forgetting import StopRequested
+
     try:
         run_sweep(grid, out, grid_file=args.grid, stop_after=args.stop_after)
     except StopRequested as err:
