@@ -393,12 +393,12 @@ def fig_frontier(res, arr, out):
             ax.plot(fr[:, ti, 0], fr[:, ty, nft], color=st["color"], ls=":", lw=1.4, marker=".", ms=4,
                     label=f"theory: {res['methods'][name]['label']}, weight λ swept")
             labels += [(fr[g, ti, 0], fr[g, ty, nft], f"{lam:g}", st["color"]) for g, lam in enumerate(sw["frontier_weights"])]
-            sm, ss = arr[f"sweep/{name}/sim_mean"], arr[f"sweep/{name}/sim_se"]  # (W, S', T, N)
+            sm, ss, sth = (arr[f"sweep/{name}/{k}"] for k in ("sim_mean", "sim_se", "theory"))  # (W, S', T, N)
             for w, lam in enumerate(sw["weights"]):
-                xm, ym = sm[w, :, ti, 0].mean(), sm[w, :, ty, nft].mean()
+                mean, _, mc, _, _ = seed_stats(sm[w], ss[w], sth[w])  # bars: the Monte Carlo part of the SE
+                xm, ym = mean[ti, 0], mean[ty, nft]
                 ax.errorbar(xm, ym, fmt=SWEEP_MARKER, color=st["color"], ms=8, mfc="white",
-                            xerr=np.sqrt((ss[w, :, ti, 0] ** 2).sum()) / ss.shape[1],
-                            yerr=np.sqrt((ss[w, :, ty, nft] ** 2).sum()) / ss.shape[1])
+                            xerr=mc[ti, 0], yerr=mc[ty, nft])
                 labels.insert(0, (xm, ym, f"λ={lam:g}", st["color"]))
         _label_sparsely(ax, labels)
         ax.set(xlabel=r"zero-shot error on the fine-tuned task $\theta_0$", ylabel=ylab)

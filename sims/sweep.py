@@ -473,21 +473,19 @@ def write_table(grid: Grid, cells: list[Cell], store, path: Path) -> int:
 def figure_points(grid: Grid, cells: list[Cell], store) -> dict:
     """{(task, model): (cell indices, sim mean, sim SE, theory)} at each cell's largest output shot
     count, seed means (the SE over seeds of the Monte Carlo errors: sqrt(sum se^2) / S)."""
-    import numpy as np
-
+    from linattn.evaluate import seed_stats
     from sims.forgetting import TASKS
 
     out: dict = {}
     for i, c in enumerate(cells):
         z = store.load(f"cell_{c.id}")
         n = c.cfg.max_shots if grid.shots is None else max(grid.shots)
+        stats = {m: seed_stats(z[f"{m}/sim_mean"], z[f"{m}/sim_se"], z[f"{m}/theory"]) for m in evaluated(c.cfg)}
         for task in grid.tasks:
             t = TASKS.index(task)
-            for m in evaluated(c.cfg):
-                se = z[f"{m}/sim_se"][:, t, n]
+            for m, (mean, _, mc, theory, _) in stats.items():  # (T, N) each
                 pts = out.setdefault((task, m), ([], [], [], []))
-                for lst, v in zip(pts, (i, z[f"{m}/sim_mean"][:, t, n].mean(), np.sqrt(np.sum(se**2)) / se.size,
-                                        z[f"{m}/theory"][:, t, n].mean())):
+                for lst, v in zip(pts, (i, mean[t, n], mc[t, n], theory[t, n])):
                     lst.append(float(v))
     return out
 
