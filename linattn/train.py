@@ -27,12 +27,15 @@ over the devices; "batch" splits every step's minibatch over them (B / P prompts
 fold_in(step key, device), losses and gradients averaged with pmean: the same distribution as
 one device, another random stream); "auto" picks per group (choose_layout).
 Steps run in chunks of at most `chunk` so that `on_progress` can report and estimate time left.
+Chunks end at every step of TrainConfig.snapshots, where the parameters are copied out (the
+iterates along the trajectory: early stopping, in simulation and, with the exact source, in theory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 import threading
@@ -73,6 +76,7 @@ class TrainConfig:
     sampler: str = "auto"  # a name in linattn.data.SAMPLERS, or "auto" (linattn.minibatch.resolve_sampler)
     history: int = 100  # length of the returned loss history (bucket means)
     optimizer: OptimizerConfig = OptimizerConfig()
+    snapshots: tuple = ()  # steps s (1..steps) after which the parameters are also returned (early stopping)
 
     def __post_init__(self):
         if self.sampler != "auto" and self.sampler not in D.SAMPLERS:
@@ -84,6 +88,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.noise < 0:
             raise ValueError(f"noise variance must be >= 0; got {self.noise}")
+        snaps = tuple(self.snapshots)
+        object.__setattr__(self, "snapshots", snaps)  # hashable: configs key the engine's groups
+        if (any(not isinstance(s, (int, np.integer)) or not 1 <= s <= self.steps for s in snaps)
+                or list(snaps) != sorted(set(snaps))):
+            raise ValueError(f"snapshots must be increasing distinct integer steps in 1..steps = {self.steps}; "
+                             f"got {self.snapshots!r}")
 
 
 class TaskContext(NamedTuple):
@@ -104,6 +114,7 @@ class TrainResult(NamedTuple):
     history: np.ndarray  # (K,) mean loss in K equal buckets of steps
     final_loss: np.ndarray  # () loss at the last step
     diverged_at: np.ndarray  # () first step with a non-finite loss or parameter, -1 if none
+    snapshots: Optional[dict] = None  # leaves (len(cfg.snapshots), ...): the parameters after those steps
 
 
 class TrainingDiverged(FloatingPointError):
@@ -351,7 +362,7 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
         ctx = TaskContext(np.asarray(ctx.theta0, np.float64), None,
                           None if ctx.cov_factor is None else np.asarray(ctx.cov_factor, np.float64))
     k_hist = min(cfg.history, cfg.steps)
-    c = _chunk_size(cfg.steps, chunk)
+    c = _chunk_size(math.gcd(cfg.steps, *cfg.snapshots), chunk)  # every snapshot step ends a chunk
     init, run = _programs(g, source, layout, tuple(devices), c, k_hist)
     state = init(params0, lrs)
     steps = None  # the step numbers of a chunk: placed like ctx when processes share the mesh
@@ -448,8 +459,11 @@ def _execute(prep: dict, compiled, on_progress: Optional[Callable], where: tuple
     cfg = g.cfg
     state, rest = prep["args"][0], prep["args"][1:]
     t0 = time.time()
+    snaps = []  # host copies of the parameters after each snapshot step (the state is donated)
     for start in range(0, cfg.steps, c):
         state = compiled(state, *rest, _steps(prep, start))
+        if start + c in cfg.snapshots:
+            snaps.append(dist.to_host(state.params))
         if on_progress is not None:
             jax.block_until_ready(state.bad)
             on_progress(*where, start + c, cfg.steps, time.time() - t0)
@@ -462,7 +476,8 @@ def _execute(prep: dict, compiled, on_progress: Optional[Callable], where: tuple
             i = int(g.cells[r, m])
             if i >= 0:
                 params = {k: v[r] for k, v in host.params[m].items()}
-                out[i] = TrainResult(params, hist[r, m], host.last[r, m], host.bad[r, m])
+                snap = {k: np.stack([s[m][k][r] for s in snaps]) for k in params} if snaps else None
+                out[i] = TrainResult(params, hist[r, m], host.last[r, m], host.bad[r, m], snap)
     return out
 
 

@@ -298,3 +298,32 @@ def test_runs_of_one_objective_with_and_without_per_run_data_split_into_columns(
     got = T.train_plan(runs, devices=1)
     for run, res in zip(runs, got):
         _close(res.params, T.train_plan([run], devices=1)[0].params)
+
+
+@pytest.mark.parametrize("source", ["mc", "exact"])
+def test_snapshots_are_the_iterates_of_shorter_runs(source):
+    """TrainConfig.snapshots returns the parameters after those steps: bit for bit the end points of
+    runs stopped there (ZS has no schedule, so a shorter run takes the same steps), in simulation and
+    in the gradient flow; the last snapshot is the end point."""
+    import dataclasses
+
+    cfg = T.TrainConfig(steps=60, batch=200, history=10, snapshots=(5, 20, 60))
+    ctx = T.TaskContext(theta0=jnp.ones(D_) / np.sqrt(D_))
+    p0 = P.init_params(jax.random.PRNGKey(1), D_)
+    key = jax.random.PRNGKey(0) if source == "mc" else None
+    full = T.train_plan([T.Run(key, p0, ctx, "zs", "all", cfg=cfg)], source=source)[0]
+    for i, s in enumerate(cfg.snapshots[:-1]):
+        short = dataclasses.replace(cfg, steps=s, snapshots=(), history=5)
+        end = T.train_plan([T.Run(key, p0, ctx, "zs", "all", cfg=short)], source=source)[0].params
+        for k in p0:
+            np.testing.assert_array_equal(full.snapshots[k][i], end[k])
+    for k in p0:
+        np.testing.assert_array_equal(full.snapshots[k][-1], full.params[k])
+    assert T.train_plan([T.Run(key, p0, ctx, "zs", "all", cfg=dataclasses.replace(cfg, snapshots=()))],
+                        source=source)[0].snapshots is None
+
+
+@pytest.mark.parametrize("snaps", [(0,), (61,), (20, 5), (5, 5), (2.5,)])
+def test_bad_snapshots_are_refused(snaps):
+    with pytest.raises(ValueError, match="snapshots must be increasing distinct integer steps in 1..steps = 60"):
+        T.TrainConfig(steps=60, snapshots=snaps)
