@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ class StudyConfig:
     max_shots: int = 40  # test curves at n = 0..max_shots
     eval_samples: int = 20_000  # test prompts per seed, task and shot count
     eval_chunk: int = 5_000  # prompts per compiled evaluation chunk
-    sweep_methods: tuple = ("zsfs_v", "zs_replay_all")  # methods re-run at other auxiliary weights
+    sweep_methods: tuple = ("zsfs_v", "zs_replay_all", "zs_l2_all", "ewc_all")  # re-run at other auxiliary weights
     sweep_weights: tuple = (0.25, 4.0)  # those weights (the main run uses 1.0)
     sweep_seeds: int = 1  # seeds for the weight sweep
     frontier_weights: tuple = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # theory frontier
@@ -76,6 +76,7 @@ class StudyConfig:
     d_steps: int = 5000  # pretraining steps at those dimensions
     d_seeds: int = 3  # seeds at those dimensions
     methods: tuple = ()  # fine-tuning methods to run (names in METHODS); () for all
+    early_stops: tuple = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # fractions of ft_steps where iterates are kept
 
     @property
     def d(self) -> int:
@@ -133,6 +134,27 @@ class Method(NamedTuple):
     objective: str  # registered objective (linattn.objectives)
     subset: str  # trainable subset (linattn.optim.SUBSETS)
     label: str
+    # per-run data: per_run(cfg, obj, pretrained, seed) -> the run's ObjectiveConfig, given the study
+    # config, the run's ObjectiveConfig (aux_weight set) and the model's stacked pretrained weights
+    per_run: Optional[Callable] = None
+
+
+def pull_to_pretrained(cfg, obj: ObjectiveConfig, pretrained: dict, seed: int) -> ObjectiveConfig:
+    """Per-run data of a pull toward the pretrained weights (L2-SP): ref_params = the seed's own."""
+    return dataclasses.replace(obj, ref_params={k: v[seed] for k, v in pretrained.items()})
+
+
+def l2_sp_data(cfg, obj: ObjectiveConfig, pretrained: dict, seed: int) -> ObjectiveConfig:
+    """zs_l2's per-run data: the seed's pretrained weights, strength l2 x the auxiliary weight (so the
+    sweeps and the frontier trace it)."""
+    return dataclasses.replace(pull_to_pretrained(cfg, obj, pretrained, seed), l2=cfg.objective.l2 * obj.aux_weight)
+
+
+def ewc_data(cfg, obj: ObjectiveConfig, pretrained: dict, seed: int) -> ObjectiveConfig:
+    """ewc's per-run data: the seed's pretrained weights and the curvature there (ewc_curvatures);
+    lambda is the auxiliary weight."""
+    return dataclasses.replace(pull_to_pretrained(cfg, obj, pretrained, seed),
+                               curvature=ewc_curvatures(cfg, pretrained)[seed])
 
 
 def _methods() -> tuple[Method, ...]:
@@ -141,8 +163,8 @@ def _methods() -> tuple[Method, ...]:
         out += [Method(f"zs_{sub}", "merged", "zs", sub, f"ZS ({lab})"),
                 Method(f"zsfs_{sub}", "merged", "zsfs", sub, f"ZS+FS ({lab})")]
     out.append(Method("zs_replay_all", "merged", "zs_replay", "all", "ZS+replay (all)"))
-    out.append(Method("zs_l2_all", "merged", "zs_l2", "all", "ZS+L2 to pretrained (all)"))
-    out.append(Method("ewc_all", "merged", "ewc", "all", "EWC (all)"))
+    out.append(Method("zs_l2_all", "merged", "zs_l2", "all", "ZS+L2 to pretrained (all)", l2_sp_data))
+    out.append(Method("ewc_all", "merged", "ewc", "all", "EWC (all)", ewc_data))
     for sub, lab in (("all", "all"), ("k", "K"), ("q", "Q"), ("v", "V")):
         out += [Method(f"sep_zs_{sub}", "separate", "zs", sub, f"ZS ({lab})"),
                 Method(f"sep_zsfs_{sub}", "separate", "zsfs", sub, f"ZS+FS ({lab})")]
@@ -158,7 +180,8 @@ MODEL_SUBSETS = {"merged": ("all", "kq", "v"), "separate": ("all", "k", "q", "v"
 def register_method(method: Method) -> Method:
     """Add a fine-tuning method to the study: `--methods`, every figure and results.json then know it.
 
-    The objective must be registered (linattn.objectives) and the subset valid for the model.
+    The objective must be registered (linattn.objectives) and the subset valid for the model;
+    per_run (optional) gives each run its own data (e.g. pull_to_pretrained for L2-SP).
     """
     from linattn.objectives import get_objective
 
@@ -171,6 +194,9 @@ def register_method(method: Method) -> Method:
     if method.subset not in allowed:
         raise ValueError(f"method {method.name!r}: subset {method.subset!r} unknown for the {method.model} model; "
                          f"allowed: {allowed}")
+    if method.per_run is not None and not callable(method.per_run):
+        raise ValueError(f"method {method.name!r}: per_run must be a function (cfg, obj, pretrained, seed) -> "
+                         f"ObjectiveConfig or None; got {method.per_run!r}")
     METHODS.append(method)
     METHOD_BY_NAME[method.name] = method
     return method
@@ -247,12 +273,13 @@ def planned(store: Store, tag: str, runs: list, train) -> list:
     if store.has(name):
         z = store.load(name)
         log(f"{tag}: loaded the trained runs of an interrupted attempt")
-        return [T.TrainResult({k[len(f"{i}/p/"):]: z[k] for k in z if k.startswith(f"{i}/p/")}, z[f"{i}/history"],
-                              z[f"{i}/final_loss"], z[f"{i}/diverged_at"]) for i in range(len(runs))]
+        return [T.TrainResult(unpack(f"{i}/p/", z), z[f"{i}/history"], z[f"{i}/final_loss"], z[f"{i}/diverged_at"],
+                              unpack(f"{i}/s/", z) or None) for i in range(len(runs))]
     res = train(runs)
     arrays = {}
     for i, r in enumerate(res):
         arrays.update({f"{i}/p/{k}": v for k, v in r.params.items()})
+        arrays.update({f"{i}/s/{k}": v for k, v in (r.snapshots or {}).items()})
         arrays.update({f"{i}/history": r.history, f"{i}/final_loss": r.final_loss, f"{i}/diverged_at": r.diverged_at})
     store.save(name, arrays)
     return res
@@ -354,8 +381,14 @@ def obj_cfg(cfg, aux=1.0, ref_params=None) -> ObjectiveConfig:
     return dataclasses.replace(cfg.objective, aux_weight=aux, ref_params=ref_params)
 
 
+def early_steps(cfg) -> tuple:
+    """The fine-tuning steps whose iterates every run returns (early stopping): cfg.early_stops x
+    ft_steps, rounded, at least 1, before the last step."""
+    return tuple(sorted({max(1, round(f * cfg.ft_steps)) for f in cfg.early_stops} - {cfg.ft_steps}))
+
+
 def ft_config(cfg) -> T.TrainConfig:
-    return dataclasses.replace(cfg.train, steps=cfg.ft_steps, history=min(100, cfg.ft_steps))
+    return dataclasses.replace(cfg.train, steps=cfg.ft_steps, history=min(100, cfg.ft_steps), snapshots=early_steps(cfg))
 
 
 # ---- stage A: pretraining
@@ -450,11 +483,13 @@ def finetune_cells(cfg, pieces: list[str]) -> list[Cell]:
 
 
 def finetune_run(cfg, cell: Cell, pre: dict, ctx, aux=None, key=True) -> T.Run:
-    """The cell's Run; zs_l2 and ewc get their seed's own pretrained weights as reference, ewc also
-    the curvature there (its lambda is the auxiliary weight, so sweeps and the frontier trace it)."""
+    """The cell's Run; its method's per_run adds the run's own data (zs_l2 and ewc: the seed's
+    pretrained weights as reference, ewc also the curvature there)."""
     p0 = {k: v[cell.seed] for k, v in pre[cell.method.model].items()}
     aux = cell.aux if aux is None else aux
-    obj = obj_cfg(cfg, aux, p0 if cell.method.objective in ("zs_l2", "ewc") else None)
+    obj = obj_cfg(cfg, aux)
+    if cell.method.per_run is not None:
+        obj = cell.method.per_run(cfg, obj, pre[cell.method.model], cell.seed)
     if cell.method.objective == "ewc":
         obj = dataclasses.replace(obj, curvature=ewc_curvatures(cfg, pre[cell.method.model])[cell.seed])
     return T.Run(key_for(cfg, "finetune", cell.seed) if key else None, p0, ctx, cell.method.objective,
@@ -500,7 +535,11 @@ def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0
     for p in pieces:
         (mean, se), th, fl = sims[p], theory[p], theory[f"flow/{p}"]
         if not p.startswith("sweep_"):
-            out[p] = {**pack("p_", params[p]), **pack("flow_", flow[p]),
+            snaps = {}  # the iterates at early_steps(cfg), (S, K, ...): what early stopping would return
+            if trained[idx[p][0]].snapshots is not None:
+                snaps = {**pack("snap_p_", stack([trained[i].snapshots for i in idx[p]])),
+                         **pack("snap_flow_", stack([flows[i].snapshots for i in idx[p]]))}
+            out[p] = {**pack("p_", params[p]), **pack("flow_", flow[p]), **snaps,
                       "history": np.stack([trained[i].history for i in idx[p]]),
                       "sim_mean": mean, "sim_se": se, "theory": th, "theory_optimum": fl}
             continue
@@ -541,21 +580,42 @@ def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT weights along pretrained -> ZS (all)
 
 
+def knob_curves(cfg, models: list, flows: list, theta0) -> dict:
+    """A method traced over a knob: arrays (A, S, T, N) of the Monte Carlo curves of the SGD models
+    (sim_mean, sim_se; models[a] a stacked (S, ...) tree), their exact risk (theory) and the exact
+    risk of the gradient-flow models flows[a] (theory_optimum, the prediction)."""
+    named = {f"{a}": m for a, m in enumerate(models)}
+    sims, theory = in_parallel(lambda: evaluate_models(cfg, named, theta0),
+                               lambda: theory_models(cfg, {**named, **{f"flow/{a}": f for a, f in enumerate(flows)}},
+                                                     theta0))
+    return {"sim_mean": np.stack([sims[k][0] for k in named]), "sim_se": np.stack([sims[k][1] for k in named]),
+            "theory": np.stack([theory[k] for k in named]),
+            "theory_optimum": np.stack([theory[f"flow/{k}"] for k in named])}
+
+
 def run_wise(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
     """WiSE-FT (linattn.params.interpolate) from each seed's pretrained weights to its full ZS
-    fine-tuning (zs_all), at WISE_ALPHAS: arrays (A, S, T, N) of the Monte Carlo curves of the
-    interpolated SGD end points (sim_mean, sim_se), their exact risk (theory) and the exact risk of
-    the interpolation to the seed's gradient-flow end point (theory_optimum, the prediction)."""
-    sgd, flow = unpack("p_", zs_piece), unpack("flow_", zs_piece)
-    pre = {k: np.asarray(v, np.float64) for k, v in pre_params.items()}
-    models = {f"{a:g}": interpolate(pre, {k: np.asarray(v, np.float64) for k, v in sgd.items()}, a) for a in WISE_ALPHAS}
-    flows = {f"flow/{a:g}": interpolate(pre, {k: np.asarray(v, np.float64) for k, v in flow.items()}, a)
-             for a in WISE_ALPHAS}
-    sims, theory = in_parallel(lambda: evaluate_models(cfg, models, theta0),
-                               lambda: theory_models(cfg, {**models, **flows}, theta0))
-    return {"alphas": np.asarray(WISE_ALPHAS, np.float64), "sim_mean": np.stack([sims[k][0] for k in models]),
-            "sim_se": np.stack([sims[k][1] for k in models]), "theory": np.stack([theory[k] for k in models]),
-            "theory_optimum": np.stack([theory[f"flow/{k}"] for k in models])}
+    fine-tuning (zs_all), at WISE_ALPHAS (knob_curves): the interpolated SGD end points, and the
+    interpolation to the seed's gradient-flow end point as the prediction."""
+    f64 = lambda t: {k: np.asarray(v, np.float64) for k, v in t.items()}  # noqa: E731
+    sgd, flow, pre = f64(unpack("p_", zs_piece)), f64(unpack("flow_", zs_piece)), f64(pre_params)
+    return {"alphas": np.asarray(WISE_ALPHAS, np.float64),
+            **knob_curves(cfg, [interpolate(pre, sgd, a) for a in WISE_ALPHAS],
+                          [interpolate(pre, flow, a) for a in WISE_ALPHAS], theta0)}
+
+
+def run_early(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
+    """Early stopping of full ZS fine-tuning (zs_all): the iterates after 0, early_steps(cfg) and
+    ft_steps steps (knob_curves), SGD's from the engine's snapshots and the gradient flow's from
+    its own trajectory (the same snapshots of theory.solver.flow_plan) as the prediction."""
+    if "snap_p_KQ" not in zs_piece:
+        raise ValueError("the zs_all piece holds no iterates (TrainConfig.snapshots); rerun it")
+    sgd, flow = unpack("snap_p_", zs_piece), unpack("snap_flow_", zs_piece)
+    take = lambda t, k: {n: v[:, k] for n, v in t.items()}  # noqa: E731
+    ks = range(len(early_steps(cfg)))
+    return {"steps": np.asarray([0, *early_steps(cfg), cfg.ft_steps]),
+            **knob_curves(cfg, [pre_params, *[take(sgd, k) for k in ks], unpack("p_", zs_piece)],
+                          [pre_params, *[take(flow, k) for k in ks], unpack("flow_", zs_piece)], theta0)}
 
 
 # ---------------------------------------------------------------- the study driver
@@ -597,6 +657,9 @@ def check_study(cfg: StudyConfig) -> None:
     if cfg.sweep_methods and not (cfg.sweep_weights and cfg.frontier_weights):
         raise ValueError("sweep_methods need at least one sweep weight and one frontier weight; "
                          f"got sweep_weights {list(cfg.sweep_weights)}, frontier_weights {list(cfg.frontier_weights)}")
+    bad = [f for f in cfg.early_stops if not (np.isfinite(f) and 0 < f < 1)]
+    if bad or not cfg.early_stops:
+        raise ValueError(f"early_stops must be one or more fractions of ft_steps in (0, 1); got {list(cfg.early_stops)}")
     if cfg.sweep_seeds > cfg.seeds:
         raise ValueError(f"sweep_seeds must be <= seeds (a sweep starts from those seeds' pretrained weights); "
                          f"got {cfg.sweep_seeds} > {cfg.seeds}")
@@ -728,6 +791,9 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     if not store.has("wise_zs_all"):
         t0 = time.time()
         save("wise_zs_all", run_wise(cfg, pre["merged"], store.load("zs_all"), theta0), t0)
+    if not store.has("early_zs_all"):
+        t0 = time.time()
+        save("early_zs_all", run_early(cfg, pre["merged"], store.load("zs_all"), theta0), t0)
     for f in store.dir.glob(".plan_*.npz"):  # every piece built from them is saved
         f.unlink()
     results = assemble(cfg, out, store, theta0)
@@ -843,16 +909,19 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
     fam = store.load("families")
     for k, v in fam.items():
         arrays[f"families/{k}"] = v
-    wise = store.load("wise_zs_all")
-    wise_curves = {f"{a:g}": curves_json(cfg, {k: wise[k][i] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")})
-                   for i, a in enumerate(wise["alphas"])}
-    for k in ("alphas", "sim_mean", "sim_se", "theory", "theory_optimum"):
-        arrays[f"wise/zs_all/{k}"] = wise[k]
+    knobs = {}  # methods traced over a knob: {kind: {"zs_all": {knob: [...], "curves", "agreement"}}}
+    for kind, piece, knob in (("wise", "wise_zs_all", "alphas"), ("early", "early_zs_all", "steps")):
+        z = store.load(piece)
+        curves = {f"{a:g}": curves_json(cfg, {k: z[k][i] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")})
+                  for i, a in enumerate(z[knob])}
+        for k in (knob, "sim_mean", "sim_se", "theory", "theory_optimum"):
+            arrays[f"{kind}/zs_all/{k}"] = z[k]
+        knobs[kind] = {"zs_all": {knob: z[knob].tolist(), "curves": curves,
+                                  "agreement": {a: {t: agreement(c) for t, c in cs.items()} for a, cs in curves.items()}}}
+        timing[piece] = float(z["seconds"])
     results = {"config": cfg.to_json(), "versions": versions(), "theta0": theta0.tolist(), "tasks": list(TASKS),
                "methods": methods, "sweeps": sweeps, "pretrain_ds": [cfg.d, *cfg.pretrain_ds], "pretrain_d": pre_d,
-               "seconds": timing,
-               "wise": {"zs_all": {"alphas": wise["alphas"].tolist(), "curves": wise_curves,
-                                   "agreement": {a: {t: agreement(c) for t, c in cs.items()} for a, cs in wise_curves.items()}}}}
+               "seconds": timing, **knobs}
     (out / "results.json").write_text(json.dumps(results))
     np.savez(out / "results.npz", **arrays)
     return results
@@ -893,6 +962,7 @@ HELP = {  # what each study field is; --help adds its --quick and --full values
     "d_steps": "pretraining steps at those dimensions",
     "d_seeds": "seeds at those dimensions",
     "methods": "fine-tuning methods to run (none given: all); the theory figures add zs_all and zsfs_v",
+    "early_stops": "fractions of --ft-steps after which every run's iterates are kept (early stopping of zs_all)",
     "steps": "pretraining steps",
     "batch": "prompts per risk term and step",
     "d": "covariate dimension",
@@ -932,7 +1002,7 @@ def parser():
     p.add_argument("--devices", type=positive(int), default=None,
                    help=f"use the first N local devices (default: all {jax.local_device_count()})")
     quick, full = PRESETS["quick"], PRESETS["full"]
-    floats = {"lr", "noise", "l2", "sweep_weights", "frontier_weights"}
+    floats = {"lr", "noise", "l2", "sweep_weights", "frontier_weights", "early_stops"}
     for name, default in FLAT.items():
         flag = "--" + name.replace("_", "-")
         q, f = _flat_value(quick, name), _flat_value(full, name)
@@ -944,7 +1014,7 @@ def parser():
         typ = float if name in floats else (str if name in ("methods", "sweep_methods") else int)
         if name in ("seed", "noise", "l2"):
             typ = non_negative(typ)
-        elif typ is not str and name not in ("sweep_weights", "frontier_weights"):
+        elif typ is not str and name not in ("sweep_weights", "frontier_weights", "early_stops"):
             typ = positive(typ) if name != "max_shots" else non_negative(int)
         kw = {"nargs": "*", "metavar": name.upper()} if isinstance(default, tuple) else {}
         p.add_argument(flag, type=typ, default=None, help=f"{HELP[name]}; {vals}", **kw)

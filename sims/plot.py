@@ -4,7 +4,8 @@
 
 Every figure is written as DIR/NAME.png and DIR/NAME.pdf. Styles come from one registry (STYLES,
 register_style): one hue per trainable subset (all red, KQ/K blue, Q purple, V green), dark solid
-for ZS, light dashed for ZS+FS, orange for replay, brown for L2, black for the pretrained models;
+for ZS, light dashed for ZS+FS, orange for replay, brown for L2, dark teal for EWC, teal for WiSE-FT, magenta for early stopping,
+black for the pretrained models;
 markers tell merged from separate models; every method, a user's too, gets its own colour and marker.
 """
 
@@ -37,7 +38,10 @@ def _builtin_styles() -> dict:
     out = {"pretrained": {"color": "black", "ls": "-", "marker": "o"},
            "sep_pretrained": {"color": "#555555", "ls": "--", "marker": "^"},
            "zs_replay_all": {"color": "#e08214", "ls": "-.", "marker": "D"},
-           "zs_l2_all": {"color": "#8c510a", "ls": ":", "marker": "P"}}
+           "zs_l2_all": {"color": "#8c510a", "ls": ":", "marker": "P"},
+           "ewc_all": {"color": "#01665e", "ls": ":", "marker": "X"},
+           "wise_zs_all": {"color": "#35978f", "ls": "-", "marker": "h"},  # methods traced over a knob (fig8)
+           "early_zs_all": {"color": "#c51b7d", "ls": "-", "marker": ">"}}
     for sep, markers in (("", ("o", "s")), ("sep_", ("^", "v"))):
         for subset, (dark, light) in HUES.items():
             out[f"{sep}zs_{subset}"] = {"color": dark, "ls": "-", "marker": markers[0]}
@@ -367,50 +371,108 @@ def _label_sparsely(ax, labels, min_dist=0.05) -> None:
             ax.annotate(text, (x, y), fontsize=6.5, color=color, xytext=(3, 3), textcoords="offset points")
 
 
+KNOBS = {"zsfs": "w", "zs_replay": "w", "zs_l2": "λ", "ewc": "λ"}  # a swept objective's knob, as labelled
+TRACED = {"wise": ("alphas", "α", "WiSE-FT (all)"), "early": ("steps", "t", "early stopping of ZS (all)")}  # kind: field, knob
+
+
+def pareto(points) -> set:
+    """Indices of the lower-left envelope of (x, y) points: those no other point beats in both
+    coordinates (at least as low in both and lower in one)."""
+    pts = np.asarray(points, np.float64)
+    return {i for i, (x, y) in enumerate(pts)
+            if not np.any((pts[:, 0] <= x) & (pts[:, 1] <= y) & ((pts[:, 0] < x) | (pts[:, 1] < y)))}
+
+
+def knob_series(res, arr) -> list[dict]:
+    """Every method traced over its knob: {"name", "label", "knob", "values", "theory" (V, T, N),
+    "sim" [(value, mean (T, N), mc SE (T, N))]} for the sweeps (auxiliary weight; zs_l2's strength is
+    l2 x weight), WiSE-FT (alpha) and early stopping (steps), from results.json / results.npz."""
+    out = []
+    l2 = res["config"]["objective"]["l2"]
+    for name, sw in res["sweeps"].items():
+        obj = res["methods"][name]["objective"]
+        scale = l2 if obj == "zs_l2" else 1.0
+        sm, ss, sth = (arr[f"sweep/{name}/{k}"] for k in ("sim_mean", "sim_se", "theory"))  # (W, S', T, N)
+        sims = [(scale * lam, *seed_stats(sm[w], ss[w], sth[w])[0:3:2]) for w, lam in enumerate(sw["weights"])]
+        out.append({"name": name, "label": f"{res['methods'][name]['label']} over {KNOBS.get(obj, 'w')}",
+                    "knob": KNOBS.get(obj, "w"), "values": scale * np.asarray(sw["frontier_weights"]),
+                    "theory": arr[f"sweep/{name}/frontier_theory"], "sim": sims})
+    for kind, (field, knob, lab) in TRACED.items():
+        for base, tr in res.get(kind, {}).items():
+            sm, ss, sth, opt = (arr[f"{kind}/{base}/{k}"] for k in ("sim_mean", "sim_se", "theory", "theory_optimum"))
+            sims = [(v, *seed_stats(sm[a], ss[a], sth[a])[0:3:2]) for a, v in enumerate(tr[field])]
+            out.append({"name": f"{kind}_{base}", "label": f"{lab} over {knob}" + (" (steps)" if kind == "early" else ""),
+                        "knob": knob, "values": np.asarray(tr[field]),
+                        "theory": opt.mean(1), "sim": sims})
+    return out
+
+
 def fig_frontier(res, arr, out):
+    """Every method on the forgetting frontier: single methods as points (simulation +- SE, theory
+    +), methods with a knob as theory lines with simulated points (stars); methods on the lower-left
+    envelope (pareto) in theory and in simulation are marked in the legend, the theory envelope drawn."""
     from matplotlib.lines import Line2D
 
     nft = res["config"]["objective"]["n_ft"]
-    ti, tm, tr = (res["tasks"].index(t) for t in ("theta0", "minus_theta0", "random"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for k, (ty, ylab) in enumerate(((tm, f"{nft}-shot error on unseen task $-\\theta_0$"),
-                                    (tr, f"{nft}-shot error on random unseen tasks"))):
-        ax = axes[k]
+    ti = res["tasks"].index("theta0")
+    series = knob_series(res, arr)
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 5.6))
+    handles = {}
+    for k, (task, ylab) in enumerate((("minus_theta0", f"{nft}-shot error on unseen task $-\\theta_0$"),
+                                       ("random", f"{nft}-shot error on random unseen tasks"))):
+        ax, ty = axes[k], res["tasks"].index(task)
         ax.set(xscale="log", yscale="log")
-        labels = []
+        th_pts, sim_pts, labels = [], [], []  # (x, y), owner
         for name, m in res["methods"].items():
             st = style(name)
-            c = m["curves"]
-            x, y = c["theta0"], c[res["tasks"][ty]]
-            ax.errorbar(x["sim_mean"][0], y["sim_mean"][nft], xerr=x["sim_se"][0], yerr=y["sim_se"][nft],
-                        fmt=st["marker"], color=st["color"], ms=5, mfc="white" if st["ls"] == "--" else st["color"],
-                        label=("sep. " if m["model"] == "separate" else "") + m["label"])
+            x, y = m["curves"]["theta0"], m["curves"][task]
+            handles[name] = ax.errorbar(x["sim_mean"][0], y["sim_mean"][nft], xerr=x["sim_se"][0], yerr=y["sim_se"][nft],
+                                        fmt=st["marker"], color=st["color"], ms=5, lw=0.8,
+                                        mfc="white" if st["ls"] == "--" else st["color"])
+            sim_pts.append(((x["sim_mean"][0], y["sim_mean"][nft]), name))
             if x["theory_optimum"] is not None:
                 ax.plot(x["theory_optimum"][0], y["theory_optimum"][nft], "+", color=st["color"], ms=8)
-        for name, sw in res["sweeps"].items():
-            st = style(name)
-            fr = arr[f"sweep/{name}/frontier_theory"]
-            ax.plot(fr[:, ti, 0], fr[:, ty, nft], color=st["color"], ls=":", lw=1.4, marker=".", ms=4,
-                    label=f"theory: {res['methods'][name]['label']}, weight λ swept")
-            labels += [(fr[g, ti, 0], fr[g, ty, nft], f"{lam:g}", st["color"]) for g, lam in enumerate(sw["frontier_weights"])]
-            sm, ss, sth = (arr[f"sweep/{name}/{k}"] for k in ("sim_mean", "sim_se", "theory"))  # (W, S', T, N)
-            for w, lam in enumerate(sw["weights"]):
-                mean, _, mc, _, _ = seed_stats(sm[w], ss[w], sth[w])  # bars: the Monte Carlo part of the SE
-                xm, ym = mean[ti, 0], mean[ty, nft]
-                ax.errorbar(xm, ym, fmt=SWEEP_MARKER, color=st["color"], ms=8, mfc="white",
-                            xerr=mc[ti, 0], yerr=mc[ty, nft])
-                labels.insert(0, (xm, ym, f"λ={lam:g}", st["color"]))
-        _label_sparsely(ax, labels)
-        ax.set(xlabel=r"zero-shot error on the fine-tuned task $\theta_0$", ylabel=ylab)
-        if k == 1:
-            extra = [Line2D([], [], color="gray", marker="+", ls="", ms=8,
-                            label="theory prediction (+ in the method's colour)"),
+                th_pts.append(((x["theory_optimum"][0], y["theory_optimum"][nft]), name))
+        for sr in series:
+            st = style(sr["name"])
+            th = sr["theory"]
+            handles["knob:" + sr["name"]] = ax.plot(th[:, ti, 0], th[:, ty, nft], color=st["color"], ls="-", lw=1.3, marker=".",
+                                          ms=4)[0]
+            th_pts += [((a, b), "knob:" + sr["name"]) for a, b in zip(th[:, ti, 0], th[:, ty, nft])]
+            labels += [(a, b, f"{sr['knob']}={v:.3g}", st["color"]) for a, b, v in zip(th[:, ti, 0], th[:, ty, nft], sr["values"])]
+            for v, mean, mc in sr["sim"]:
+                ax.errorbar(mean[ti, 0], mean[ty, nft], xerr=mc[ti, 0], yerr=mc[ty, nft], fmt=SWEEP_MARKER,
+                            color=st["color"], ms=7, mfc="white", lw=0.8)
+                sim_pts.append(((mean[ti, 0], mean[ty, nft]), "knob:" + sr["name"]))
+        th_env = sorted(th_pts[i][0] for i in pareto([p for p, _ in th_pts]))
+        ax.plot(*np.asarray(th_env).T, color="gray", lw=7, alpha=0.25, zorder=0, solid_capstyle="round")
+        envelope = {"theory": {th_pts[i][1] for i in pareto([p for p, _ in th_pts])},
+                    "simulation": {sim_pts[i][1] for i in pareto([p for p, _ in sim_pts])}}
+        _label_sparsely(ax, labels, min_dist=0.06)
+        ax.set(xlabel=r"zero-shot error on the fine-tuned task $\theta_0$", ylabel=ylab,
+               title=f"lower-left envelope: theory {len(envelope['theory'])}, simulation {len(envelope['simulation'])} methods",)
+        ax.title.set_fontsize(8.5)
+        if k == 0:
+            env_left = envelope
+        else:
+            names = list(res["methods"]) + ["knob:" + sr["name"] for sr in series]
+            lab = {**{n: ("sep. " if m["model"] == "separate" else "") + m["label"] for n, m in res["methods"].items()},
+                   **{"knob:" + sr["name"]: sr["label"] for sr in series}}
+            for n in names:
+                marks = [f"{short}{side}" for side, env in (("L", env_left), ("R", envelope))
+                         for short, kind in (("T", "theory"), ("S", "simulation")) if n in env[kind]]
+                if marks:
+                    lab[n] += "  [envelope " + " ".join(marks) + "]"
+            extra = [Line2D([], [], color="gray", marker="+", ls="", ms=8, label="theory prediction of a method (+)"),
                      Line2D([], [], color="gray", marker=SWEEP_MARKER, mfc="white", ls="", ms=8,
-                            label="simulation at another λ (labelled λ=...)"),
-                     Line2D([], [], color="gray", ls=":", marker=".", label="theory frontier (labelled by λ)")]
-            handles, _ = ax.get_legend_handles_labels()
-            ax.legend(handles=extra + handles, fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle("Forgetting frontier: fitting the target zero-shot vs keeping in-context learning "
+                            label="simulation along a knob (seed mean ± MC SE)"),
+                     Line2D([], [], color="gray", ls="-", marker=".", label="theory along a knob (gradient flow)"),
+                     Line2D([], [], color="gray", lw=7, alpha=0.25, label="theory's lower-left envelope"),
+                     Line2D([], [], ls="", label="[envelope T/S L/R]: on the envelope in theory / simulation,\n"
+                                                  "left / right panel")]
+            ax.legend(handles=extra + [handles[n] for n in names], labels=[h.get_label() for h in extra] + [lab[n] for n in names],
+                      fontsize=6.3, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Forgetting frontier of every method: fitting the target zero-shot vs keeping in-context learning "
                  "(filled: ZS, open: ZS+FS; circles/squares: merged KQ, triangles: separate K, Q)", fontsize=9)
     save(fig, out, "fig8_frontier")
 
@@ -418,7 +480,8 @@ def fig_frontier(res, arr, out):
 AGREEMENT_INTRO = """\
 # Theory vs simulation, in standard errors
 
-One row per method and test task, then the auxiliary-weight sweeps ("NAME at λ = W", seed 0..k) and
+One row per method and test task, then the auxiliary-weight sweeps ("NAME at λ = W", seed 0..k), the
+methods traced over a knob (WiSE-FT over α, early stopping over steps t; every seed) and
 the pretraining at other dimensions ("pretrained, d = D", random tasks only); each number is the
 worst case over the shot counts n = 0..{max_shots}.
 - **max abs(sim - theory) / SE_mc**: the Monte Carlo test error (seed mean) against the exact risk
@@ -442,6 +505,8 @@ def agreement_table(res) -> str:
              "|---|---|---|---|---|---|"]
     rows = [(name, m["agreement"]) for name, m in res["methods"].items()]
     rows += [(f"{name} at λ = {lam}", a) for name, sw in res["sweeps"].items() for lam, a in sw.get("agreement", {}).items()]
+    rows += [(f"{lab} at {knob} = {v}", a) for kind, (_, knob, lab) in TRACED.items()
+             for tr in res.get(kind, {}).values() for v, a in tr["agreement"].items()]
     rows += [(f"pretrained, d = {d}", p["agreement"]) for d, p in res.get("pretrain_d", {}).items()]
     for name, agree in rows:
         for task, a in agree.items():

@@ -16,7 +16,7 @@ import pytest
 from sims import forgetting as S
 
 MODULES = ("sims.forgetting", "sims.plot", "sims.sgd_gap", "sims.benchmark", "theory.risk", "theory.optimal",
-           "theory.bench", "sims.sweep", "sims.launch")
+           "theory.bench", "sims.sweep", "sims.launch", "sims.phase")
 
 # (module, argv, substrings of the error line: the bad value and what is allowed). {P}: a valid
 # parameter file, {F}: an existing plain file, {X}: a path that must not be created; {G...}: grid
@@ -48,6 +48,12 @@ CASES = [
     ("sims.forgetting", ["--out", "{F}"], ["{F}", "is a file"]),
     ("sims.forgetting", ["--out", "{F}/sub"], ["{F}", "is a file"]),
     ("sims.forgetting", ["--import", "no_such_module_x"], ["'no_such_module_x'", "importable"]),
+    ("sims.forgetting", ["--early-stops", "0", "0.5"], ["early_stops", "[0.0, 0.5]", "in (0, 1)"]),
+    ("sims.forgetting", ["--early-stops", "1"], ["early_stops", "[1.0]", "in (0, 1)"]),
+    ("sims.phase", [], ["--out"]),
+    ("sims.phase", ["--out", "{F}"], ["{F}", "is a file"]),
+    ("sims.phase", ["--out", "{X}", "--plot-only"], ["{X}", "no phase.json", "allowed"]),
+    ("sims.phase", ["--out", "{X}", "--bogus"], ["unrecognized arguments: --bogus"]),
     ("sims.plot", [], ["run_dir"]),
     ("sims.plot", ["{X}"], ["{X}", "no results.json", "allowed"]),
     ("sims.plot", ["{F}"], ["{F}", "no results.json"]),

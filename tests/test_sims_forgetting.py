@@ -54,7 +54,7 @@ def test_rerun_computes_only_missing_pieces(tiny_run):
     assert not list((out / "pieces").glob(".plan_*")), "plan caches are removed once their pieces are saved"
     assert victim in after and victim not in before
     assert {k: after[k] for k in before} == before, "a finished piece was recomputed"
-    assert len(after) == len(TINY_NAMES) + len(TINY.sweep_methods) + len(TINY.pretrain_ds) + 2  # + families, wise_zs_all
+    assert len(after) == len(TINY_NAMES) + len(TINY.sweep_methods) + len(TINY.pretrain_ds) + 3  # + families, wise_zs_all, early_zs_all
 
 
 def test_results_json_layout(tiny_run):
@@ -89,6 +89,15 @@ def test_results_json_layout(tiny_run):
                                    rtol=1e-6)
         np.testing.assert_allclose(wise["curves"]["1"][task]["theory_optimum"],
                                    res["methods"]["zs_all"]["curves"][task]["theory_optimum"], rtol=1e-6)
+    early = res["early"]["zs_all"]  # early stopping: step 0 is the pretrained model, the last step zs_all
+    assert early["steps"] == [0, *S.early_steps(TINY), TINY.ft_steps] and S.early_steps(TINY) == (1, 2, 3, 6, 15)
+    for task in ("theta0", "minus_theta0", "random"):
+        first, last = early["curves"]["0"][task], early["curves"][str(TINY.ft_steps)][task]
+        for key in ("sim_mean", "theory", "theory_optimum"):
+            ref = res["methods"]["pretrained" if key != "theory_optimum" else "zs_all"]["curves"][task]
+            if key != "theory_optimum":
+                np.testing.assert_allclose(first[key], ref[key], rtol=1e-6)
+            np.testing.assert_allclose(last[key], res["methods"]["zs_all"]["curves"][task][key], rtol=1e-6)
 
 
 def test_sim_matches_theory_of_the_same_weights(tiny_run):

@@ -63,10 +63,11 @@ def walkthrough(tmp_path_factory):
         yield ns, out
     finally:
         sys.modules.pop("my_objectives", None)
-        O.OBJECTIVES.pop("zs_minus", None)
-        S.METHODS[:] = [m for m in S.METHODS if m.name != "zs_minus_all"]
-        S.METHOD_BY_NAME.pop("zs_minus_all", None)
-        PL.STYLES.pop("zs_minus_all", None)
+        for objective, method in (("zs_minus", "zs_minus_all"), ("zs_sp", "zs_sp_all")):
+            O.OBJECTIVES.pop(objective, None)
+            S.METHODS[:] = [m for m in S.METHODS if m.name != method]
+            S.METHOD_BY_NAME.pop(method, None)
+            PL.STYLES.pop(method, None)
 
 
 def test_walkthrough_objective_trains_and_is_predicted_with_the_training_settings(walkthrough, capsys):
@@ -78,16 +79,21 @@ def test_walkthrough_objective_trains_and_is_predicted_with_the_training_setting
         assert curves.shape == (3, 41) and np.all(np.isfinite(curves))
     # the FS term on -theta0 keeps the trained model's ICL on -theta0: more shots, lower error
     assert ns["predicted"][1, 20] < ns["predicted"][1, 0] and ns["reached"][1, 20] < ns["reached"][1, 0]
+    # L2-SP with its per-run reference: trained and predicted, both pulled toward the pretrained weights
+    pre, sp = ns["pre"].params, ns["sp"].params
+    dist = lambda p: sum(float(np.sum((np.asarray(p[k]) - np.asarray(pre[k])) ** 2)) for k in pre)  # noqa: E731
+    assert len(ns["sp_pred"].history) == cfg.steps and 0 < dist(ns["sp_pred"].params) and 0 < dist(sp)
 
 
 def test_walkthrough_study_draws_every_figure_with_the_new_method(walkthrough):
     _, out = walkthrough
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"pretrained", "sep_pretrained", "zs_all", "zsfs_v", "zs_minus_all"}
+    assert set(res["methods"]) == {"pretrained", "sep_pretrained", "zs_all", "zsfs_v", "zs_minus_all", "zs_sp_all"}
+    assert res["methods"]["zs_sp_all"]["curves"]["theta0"]["theory_optimum"] is not None
     m = res["methods"]["zs_minus_all"]
     assert m["objective"] == "zs_minus" and m["label"] == "ZS+FS on -θ0 (all)"
     assert m["curves"]["theta0"]["theory_optimum"] is not None
-    assert list(res["sweeps"]) == ["zs_minus_all"]
+    assert list(res["sweeps"]) == ["zs_minus_all", "zs_sp_all"]
     for name in PL.FIGURES:
         assert (out / f"{name}.png").stat().st_size > 5000, name
     assert (out / "agreement.md").read_text().startswith("# Theory vs simulation")
