@@ -6,8 +6,9 @@ Several models (parameter trees stacked on a leading axis M) are evaluated on th
 and every shot count of a chunk reads the same prompts: they are drawn nested in n
 (linattn.data.sample_nested_prompts), so one prompt of N_max - 1 demonstrations gives the n-shot prompt
 of every n as its first n demonstrations. One-layer models read all prefixes at once
-(linattn.model.predict_prefixes); deeper models see the prompt with demonstrations past n zeroed,
-which a linear attention layer ignores when told the true n. Each point is still an average of
+(linattn.model.predict_prefixes); deeper models and the other registered models (linattn.models:
+the softmax transformer, the baselines) see the prompt with demonstrations past n zeroed, which a
+linear attention layer ignores when told the true n and the softmax model masks. Each point is still an average of
 independent prompts with its own standard error; points at different n share prompts (common
 random numbers), which makes differences between shot counts less noisy.
 
@@ -25,9 +26,9 @@ import numpy as np
 
 from linattn import data as D
 from linattn.minibatch import resolve_sampler
-from linattn.model import predict, predict_many_from_stats, predict_prefixes
+from linattn.model import predict_many_from_stats, predict_prefixes
+from linattn.models import dtype_of, is_stacked, model_of
 from linattn.objectives import task_spec
-from linattn.params import check_params
 
 # the three test tasks of the study (SPEC section 6): name -> task source
 TEST_TASKS = {"theta0": "target", "minus_theta0": "minus_target", "random": "random"}
@@ -51,8 +52,9 @@ def _errors(pred, y):
 def _chunk_errors(params, key, shots, nmax: int, b: int, d: int, task, noise, cov_factor, normalization, sampler):
     """Means and sums of squared deviations (S, M) of b squared errors at each of the S shot counts
     (a traced int array) for M stacked models, on one chunk's prompts."""
-    dtype = params["V"].dtype
-    M, L = params["V"].shape[:2]
+    dtype = dtype_of(params)
+    model = model_of(params)
+    M = params[model.ref_leaf].shape[0]
     models = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(M)]
     if sampler == "stats":
         def at(n):
@@ -61,13 +63,13 @@ def _chunk_errors(params, key, shots, nmax: int, b: int, d: int, task, noise, co
             return _errors(pred, y[:, None])
         return jax.lax.map(at, shots)
     Z, y = D.sample_nested_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)
-    if L == 1:
+    if model.one_layer(models[0]):
         pred = predict_prefixes(models, Z, normalization=normalization).astype(dtype)  # (b, N_max, M)
         return _errors(pred[:, shots], y[:, None, None])
 
     def at(n):
         Zn = jnp.where((jnp.arange(nmax + 1) < n) | (jnp.arange(nmax + 1) == nmax), 1.0, 0.0)[None, :, None] * Z
-        pred = jax.vmap(lambda p: predict(p, Zn, normalization=normalization, n=n), out_axes=1)(params)
+        pred = jax.vmap(lambda p: model.predict(p, Zn, normalization=normalization, n=n), out_axes=1)(params)
         return _errors(pred, y[:, None])
     return jax.lax.map(at, shots)
 
@@ -112,16 +114,21 @@ def test_errors(key, params: Mapping, shots: Sequence[int], theta0, **kwargs) ->
 
 def _curves(keys, params, shots, tasks, *, noise, samples, chunk, cov_factor, normalization, sampler) -> list[Curve]:
     """Curves of every task in `tasks` (strings or fixed vectors), each with its key, one program."""
-    many = np.ndim(params["V"]) == 5
+    many = is_stacked(params)
     if not many:
         params = jax.tree.map(lambda a: jnp.asarray(a)[None], dict(params))
-    check_params({k: v[0] for k, v in params.items()})
+    model = model_of(params)
+    first = {k: v[0] for k, v in params.items()}
+    model.check(first, None)
     shots = D.check_shots(shots)
     if shots.size == 0:
         raise ValueError("need at least one shot count")
-    L, _, width, _ = params["V"].shape[1:]
-    d = width - 2
-    sampler = choose_sampler(sampler, L == 1, shots, d, samples)
+    d = model.d(first)
+    if d is None:  # a baseline: any d, read from the fixed task or the study's theta0
+        d = next((int(np.shape(t)[-1]) for t in tasks if not isinstance(t, str)), None)
+        if d is None:
+            raise ValueError(f"the {model.name} baseline has no d of its own; give a fixed task (e.g. theta0)")
+    sampler = choose_sampler(sampler, model.one_layer(first), shots, d, samples)
     b = min(chunk, samples)
     n_chunks = -(-samples // b)
     nmax = int(shots.max())
@@ -129,7 +136,7 @@ def _curves(keys, params, shots, tasks, *, noise, samples, chunk, cov_factor, no
     if len(kinds) > 1:
         raise ValueError(f"one random task distribution per call; got {sorted(kinds)}")
     kind = kinds.pop() if kinds else "sphere"
-    dtype = params["V"].dtype
+    dtype = dtype_of(params)
     thetas = jnp.stack([jnp.zeros(d, dtype) if isinstance(t, str) else jnp.asarray(t, dtype) for t in tasks])
     if thetas.shape[1:] != (d,):
         raise ValueError(f"fixed task has shape {thetas.shape[1:]}; expected ({d},) for d = {d}")

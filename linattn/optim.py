@@ -14,16 +14,12 @@ import jax
 import optax
 from jax.flatten_util import ravel_pytree
 
+from linattn.models import LINEAR_SUBSETS, model_of
 from linattn.params import is_merged
 
-# subset name -> leaves it trains
-SUBSETS: dict[str, tuple[str, ...]] = {
-    "all": ("K", "Q", "KQ", "V"),
-    "v": ("V",),
-    "kq": ("KQ",),
-    "k": ("K",),
-    "q": ("Q",),
-}
+# subset name -> leaves it trains, for the linear tree; every model lists its own
+# (linattn.models.Model.subsets; the softmax model's: linattn.softmax.SUBSETS)
+SUBSETS = LINEAR_SUBSETS
 OPTIMIZERS = ("sgd", "adam")
 Subset = Union[str, Callable[[str], bool]]
 
@@ -32,17 +28,22 @@ def param_labels(params: Mapping, subset: Subset) -> dict:
     """{"train" | "freeze"} for every leaf.
 
     Args:
-      subset: a name in SUBSETS (case-insensitive) or a function of the leaf name ("V", "KQ",
-        "K", "Q") returning True for trainable leaves.
+      subset: a name in the model's subsets (case-insensitive; SUBSETS for the linear tree,
+        linattn.softmax.SUBSETS for the softmax one) or a function of the leaf name ("V", "KQ",
+        "K", "Q", ...) returning True for trainable leaves.
     """
     if callable(subset):
         labels = {k: "train" if subset(k) else "freeze" for k in params}
     else:
         key = str(subset).lower()
-        if key not in SUBSETS:
-            raise ValueError(f"subset {subset!r} unknown; allowed: {sorted(SUBSETS)} or a function of the leaf name")
-        wanted = set(SUBSETS[key])
+        model = model_of(params)
+        if key not in model.subsets:
+            raise ValueError(f"subset {subset!r} unknown; allowed: {sorted(model.subsets)} (the {model.name} model's) "
+                             "or a function of the leaf name")
+        wanted = set(model.subsets[key])
         present = wanted & set(params)
+        if not present and model.name != "linear":
+            raise ValueError(f"subset {subset!r} trains {sorted(wanted)}, none of which this {model.name} tree has")
         if not present:
             form = "merged (KQ, V)" if is_merged(params) else "separate (K, Q, V)"
             raise ValueError(f"subset {subset!r} trains {sorted(wanted)}, none of which a {form} model has")

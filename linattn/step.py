@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from linattn import data as D
+from linattn.models import dtype_of
 from linattn.objectives import check_task_source, get_objective
 from linattn.optim import apply_updates, make_optimizer, param_labels
 
@@ -57,7 +58,7 @@ def column_losses(source: Callable, key, params: Sequence, progress, objs: Seque
             check_task_source(task)
             D.check_shots(shots)
             requests.setdefault((int(shots), task), {})[m] = None
-            return jnp.zeros((), params[m]["V"].dtype)
+            return jnp.zeros((), dtype_of(params[m]))
 
         f(record, params[m], progress, objs[m])
     values = source(key, params, {k: tuple(v) for k, v in requests.items()}, cfg, ctx)
@@ -71,7 +72,7 @@ def optimizers(columns: Sequence[Column], params: Sequence, lrs: Sequence, opt_c
 
 def init_state(columns, params0: Sequence, lrs: Sequence, cfg, k_hist: int) -> State:
     opts = optimizers(columns, params0, lrs, cfg.optimizer)
-    dtype = params0[0]["V"].dtype
+    dtype = dtype_of(params0[0])
     M = len(columns)
     return State(tuple(params0), tuple(o.init(p) for o, p in zip(opts, params0)), jnp.zeros((M, k_hist), dtype),
                  -jnp.ones(M, jnp.int32), jnp.zeros(M, dtype))

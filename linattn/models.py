@@ -1,0 +1,86 @@
+"""The model registry: which predictor a parameter tree is, and what the engine needs from it.
+
+The engine (linattn.train, linattn.step, linattn.minibatch), evaluation (linattn.evaluate) and
+freezing (linattn.optim) ask `model_of(params)` instead of assuming the linear tree: the tree's
+leaf names say which model it is. Registered: "linear" (linattn.model, SPEC section 2; the default
+that reports malformed trees), "softmax" (linattn.softmax), and the baselines "ridge" and "zero"
+(linattn.baselines). `register_model` adds one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from linattn import baselines, model as linear, softmax
+from linattn.params import check_params as check_linear
+
+
+class Model(NamedTuple):
+    name: str
+    owns: Callable[[Mapping], bool]  # is this tree one of mine?
+    check: Callable[[Mapping, Optional[int]], None]  # raise ValueError on a bad tree (optional d)
+    d: Callable[[Mapping], int]  # covariate dimension of a (single) tree
+    one_layer: Callable[[Mapping], bool]  # True: the engine may read prompts through statistics
+    predict: Callable  # predict(params, Z, *, normalization, n) -> (...,) query predictions
+    subsets: Mapping[str, tuple]  # trainable subset name -> leaf names (linattn.optim)
+    ref_leaf: str  # a leaf whose number of axes tells a single tree from a stack of trees
+    ref_ndim: int  # its number of axes in a single tree
+
+
+LINEAR_SUBSETS: dict[str, tuple[str, ...]] = {
+    "all": ("K", "Q", "KQ", "V"),
+    "v": ("V",),
+    "kq": ("KQ",),
+    "k": ("K",),
+    "q": ("Q",),
+}
+
+
+def _no_check(name):
+    def check(params, d=None):
+        if set(params) != {name}:
+            raise ValueError(f"{name} baseline tree has leaves {sorted(params)}; expected [{name!r}]")
+    return check
+
+
+MODELS: dict[str, Model] = {}
+
+
+def register_model(m: Model) -> Model:
+    if m.name in MODELS:
+        raise ValueError(f"model {m.name!r} is already registered")
+    MODELS[m.name] = m
+    return m
+
+
+register_model(Model("softmax", lambda p: "embed" in p, softmax.check_params, lambda p: softmax.dims(p)["d"],
+                     lambda p: False, softmax.predict, softmax.SUBSETS, "embed", 2))
+register_model(Model("ridge", lambda p: "ridge" in p, _no_check("ridge"), lambda p: None, lambda p: False,
+                     baselines.predict_ridge, {}, "ridge", 0))
+register_model(Model("zero", lambda p: "zero" in p, _no_check("zero"), lambda p: None, lambda p: False,
+                     baselines.predict_zero, {}, "zero", 0))
+LINEAR = Model("linear", lambda p: True, check_linear, lambda p: int(np.shape(p["V"])[-1]) - 2,
+               lambda p: np.shape(p["V"])[-4] == 1, linear.predict, LINEAR_SUBSETS, "V", 4)
+
+
+def model_of(params: Mapping) -> Model:
+    """The registered model whose tree this is; the linear model otherwise (its check reports bad trees)."""
+    for m in MODELS.values():
+        if m.owns(params):
+            return m
+    return LINEAR
+
+
+def is_stacked(params: Mapping) -> bool:
+    """True for trees stacked on a leading model axis (one more axis than a single tree)."""
+    m = model_of(params)
+    return np.ndim(params[m.ref_leaf]) == m.ref_ndim + 1
+
+
+def dtype_of(params: Mapping):
+    """The floating dtype a tree computes in (its reference leaf's)."""
+    m = model_of(params)
+    return jnp.asarray(params[m.ref_leaf]).dtype
