@@ -16,7 +16,8 @@ import pytest
 from sims import forgetting as S
 
 MODULES = ("sims.forgetting", "sims.plot", "sims.sgd_gap", "sims.benchmark", "theory.risk", "theory.optimal",
-           "theory.bench", "sims.sweep", "sims.launch", "sims.phase")
+           "theory.bench", "sims.sweep", "sims.launch", "sims.phase",
+           "sims.softmax", "sims.plot_softmax")
 
 # (module, argv, substrings of the error line: the bad value and what is allowed). {P}: a valid
 # parameter file, {F}: an existing plain file, {X}: a path that must not be created; {G...}: grid
@@ -106,6 +107,18 @@ CASES = [
     ("sims.launch", ["--processes", "0", "--", "true"], ["--processes", "'0'", "> 0"]),
     ("sims.launch", ["--processes", "2"], ["no command", "after --"]),
     ("sims.launch", ["--", "true"], ["--processes"]),
+    ("sims.softmax", ["--steps", "0"], ["--steps", "'0'", "> 0"]),
+    ("sims.softmax", ["--pre-lr", "nan"], ["--pre-lr", "'nan'", "> 0"]),
+    ("sims.softmax", ["--width", "30", "--heads", "4"], ["width 30", "multiple of heads 4"]),
+    ("sims.softmax", ["--max-shots", "10"], ["max_shots", "got 10", ">= n_ft"]),
+    ("sims.softmax", ["--method", "zs_k"], ["'zs_k'", "choose from", "'zs_v'"]),
+    ("sims.softmax", ["--out", "{F}"], ["{F}", "is a file"]),
+    ("sims.softmax", ["--from", "{F}"], ["--from needs --save"]),
+    ("sims.softmax", ["--from", "{X}", "--save", "{X}"], ["{X}", "no such file", "allowed"]),
+    ("sims.softmax", ["--from", "{F}", "--save", "{X}"], ["{F}", "linattn-softmax-v1"]),
+    ("sims.softmax", ["--shots", "0,50"], ["shots", "[0, 50]", "0..max_shots = 40"]),
+    ("sims.softmax", ["--shots", "0,a"], ["--shots", "'a'", "integers"]),
+    ("sims.plot_softmax", ["{X}"], ["{X}", "no results.json", "allowed"]),
 ]
 
 GRIDS = {  # name -> grid file text for the sims.sweep cases
