@@ -17,7 +17,9 @@ TrainConfig and task context) and compiles one program per group:
 
 The risk source is a plan setting: "mc" (minibatch Monte Carlo, linattn.minibatch) trains;
 "exact" (theory.risk.exact_source, float64) is the population gradient flow with the same
-optimizer, schedule and steps (theory.solver.gradient_flow).
+optimizer, schedule and steps (theory.solver.gradient_flow); "diffusion" (theory.sgd, float64) is
+that flow plus noise of the minibatch gradient's own covariance at TrainConfig.batch (the
+SGD-aware prediction, theory.sgd.sgd_plan).
 
 Devices are a call-site setting: `devices=None` uses every local device (on a CPU, linattn asks
 for one device per core when it is imported), `devices=1` one. Under jax.distributed
@@ -53,10 +55,10 @@ from linattn import step as St
 from linattn.minibatch import monte_carlo, resolve_sampler
 from linattn.objectives import ObjectiveConfig, get_objective
 from linattn.optim import OptimizerConfig, Subset, param_labels
-from linattn.models import dtype_of, model_of
+from linattn.params import check_params
 
 LAYOUTS = ("auto", "runs", "batch")
-SOURCES = ("mc", "exact")
+SOURCES = ("mc", "exact", "diffusion")  # "exact" and "diffusion" run in float64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,18 +176,17 @@ def _column_sig(run: Run):
 
 def _check_run(i: int, run: Run, source: str) -> None:
     what = f"run {run.name or i}"
-    if run.key is None and source == "mc":
-        raise ValueError(f"{what}: Monte Carlo training needs a PRNG key; got None")
+    if run.key is None and source != "exact":
+        raise ValueError(f"{what}: source {source!r} draws prompts and needs a PRNG key; got None")
     if not isinstance(run.cfg, TrainConfig):
         raise TypeError(f"{what}: cfg must be a TrainConfig; got {type(run.cfg).__name__}")
     get_objective(run.objective)
-    model = model_of(run.params0)
-    model.check(run.params0, run.cfg.d)
+    check_params(run.params0, run.cfg.d)
     param_labels(run.params0, run.subset)
     lr = np.asarray(run.lr, np.float64)
     if lr.ndim or not np.isfinite(lr) or lr <= 0:
         raise ValueError(f"{what}: learning rate must be a finite number > 0; got {run.lr!r}")
-    resolve_sampler(run.cfg.sampler, model.one_layer(run.params0))
+    resolve_sampler(run.cfg.sampler, run.params0["V"].shape[0] == 1)
     theta = np.shape(run.ctx.theta0)
     if theta != (run.cfg.d,):
         raise ValueError(f"{what}: theta0 has shape {theta}; expected ({run.cfg.d},) for d = {run.cfg.d}")
@@ -214,7 +215,7 @@ def plan_groups(runs: Sequence[Run], source: str) -> list[Group]:
             raw, impl = _raw_key(runs[i].key)
             impls.add(impl)
             sig = _column_sig(runs[i])
-            if source == "mc":
+            if source != "exact":
                 slot = raw.tobytes()
             else:  # the exact source reads no keys: one slot per occurrence of a column
                 slot = counts.get(sig, 0)
@@ -286,8 +287,9 @@ def _source_fn(source: str) -> Callable:
     if source == "mc":
         return monte_carlo
     from theory.risk import exact_source  # theory depends on linattn, not the reverse, at import
+    from theory.sgd import diffusion_source
 
-    return exact_source
+    return {"exact": exact_source, "diffusion": diffusion_source}[source]
 
 
 def _program_sig(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int) -> tuple:
@@ -354,12 +356,12 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
     keys = np.concatenate([g.keys, np.repeat(g.keys[:1], pad, axis=0)]) if pad else g.keys
     filler = [next(int(i) for i in cells[:, m] if i >= 0) for m in range(M)]
     pick = lambda r, m: runs[cells[r, m] if cells[r, m] >= 0 else filler[m]]
-    dtype = np.float64 if source == "exact" else np.dtype(dtype_of(runs[filler[0]].params0))
+    dtype = np.float64 if source != "mc" else np.dtype(jnp.asarray(runs[filler[0]].params0["V"]).dtype)
     params0 = tuple(_stack([dict(pick(r, m).params0) for r in range(len(cells))], dtype) for m in range(M))
     lrs = tuple(np.asarray([pick(r, m).lr for r in range(len(cells))], dtype) for m in range(M))
     objs = tuple(_stack([pick(r, m).obj for r in range(len(cells))], dtype) for m in range(M))
     ctx = g.ctx
-    if source == "exact":
+    if source != "mc":  # the theory replaces the fine-tuning dataset by its population
         ctx = TaskContext(np.asarray(ctx.theta0, np.float64), None,
                           None if ctx.cov_factor is None else np.asarray(ctx.cov_factor, np.float64))
     k_hist = min(cfg.history, cfg.steps)
@@ -375,7 +377,7 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
         if not spec.is_fully_addressable:
             steps = NamedSharding(mesh, P())
     sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist), len(cells), str(dtype))
-    return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source == "exact",
+    return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source != "mc",
                 sig=sig, steps=steps)
 
 
@@ -440,7 +442,7 @@ def precompile(runs: Sequence[Run], *, source: str = "mc", devices=None, layout:
     parameters of the right shapes. Bad runs raise here, at once; compile errors come out of the
     Future (and again in train_plan).
     """
-    with _x64(source == "exact"):
+    with _x64(source != "mc"):
         preps = _prepare_all(runs, source, devices, layout, chunk)
     fut: Future = Future()
 
@@ -492,7 +494,8 @@ def train_plan(runs: Sequence[Run], *, source: str = "mc", devices=None, layout:
     The groups' programs are compiled concurrently (one thread per core), then run in turn.
 
     Args:
-      source: "mc" (minibatch training) or "exact" (population gradient flow, float64).
+      source: "mc" (minibatch training), "exact" (population gradient flow, float64) or "diffusion"
+        (the flow plus minibatch noise of the model's own covariance, float64: theory.sgd).
       devices: None (every local device; under jax.distributed every device of every process), an
         int (the first n local devices) or a device list.
       layout: "auto", "runs" or "batch" (module docstring; ignored on one device).
@@ -501,7 +504,7 @@ def train_plan(runs: Sequence[Run], *, source: str = "mc", devices=None, layout:
       on_progress: called as on_progress(group, groups, steps_done, steps, seconds) after each chunk.
     """
     results: dict = {}
-    with _x64(source == "exact"):
+    with _x64(source != "mc"):
         preps = _prepare_all(runs, source, devices, layout, chunk)
         compiled = _compile_all(preps)
         for gi, (prep, exe) in enumerate(zip(preps, compiled)):

@@ -1,0 +1,113 @@
+"""What minibatch SGD reaches: the diffusion source and path predictions (issue #13; DERIVATIONS section 8).
+
+Shape notation: P paths per run, T test tasks, N shot counts.
+
+Training at batch B follows g_t = grad R(theta_t) + xi_t with E[xi_t] = 0 and Cov(xi_t) = C(theta_t)
+/ B, C the per-prompt gradient covariance of each risk term at the current parameters (the terms of
+one step draw independent prompts). The prediction keeps the drift exact (the population risk,
+theory.risk.exact_source) and draws noise of exactly that covariance from the model itself: a
+probe of K = min(PROBE, B) fresh prompts per term, whose minibatch gradient has covariance C / K,
+scaled by c = sqrt(K / B):
+
+    value = R(theta) + c (R_K(theta) - R(theta)),   grad = grad R + c (grad R_K - grad R).
+
+Its noise has mean zero and covariance c^2 C / K = C / B at every step, whatever K is; at large B
+the SGD noise is Gaussian (a sum of B independent per-prompt gradients) and its higher cumulants
+vanish, so what the end point's distribution depends on to leading order is reproduced: the
+stochastic modified equation of SGD with momentum, simulated on the engine (the same optax
+optimizer, clipping, schedule and steps as training), P independent paths per run. With c = 0 it
+is the gradient flow (theory.solver.flow_plan); c -> 0 as B grows. The fine-tuning dataset is
+replaced by its population, as in the exact source (infinite-data model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linattn.minibatch import prompt_errors
+from linattn.objectives import TASK_SOURCES
+from linattn.train import Run, TrainResult, train_plan
+from theory.risk import exact_source, task_curves
+from theory.solver import flow_plan
+
+PROBE = 256  # probe prompts per risk term and step (DERIVATIONS section 8: why not fewer)
+
+
+def diffusion_source(key, params, requests, cfg, ctx) -> dict:
+    """The engine's diffusion source (linattn.train, source="diffusion"; module docstring): each
+    term is its exact risk R plus sum_k z_k (e_k - R) / sqrt(B K) over a probe of K = PROBE prompts
+    with squared errors e_k and independent standard-normal multipliers z_k, B = cfg.batch."""
+    exact = exact_source(key, params, requests, cfg, ctx)
+    errors = prompt_errors(jax.random.fold_in(key, 0), params, requests, dataclasses.replace(cfg, batch=PROBE), ctx)
+    scale = 1.0 / math.sqrt(cfg.batch * PROBE)
+    out = {}
+    for (m, shots, task), r in exact.items():
+        z = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 1), _term_index(shots, task)), (PROBE,), r.dtype)
+        out[(m, shots, task)] = r + scale * jnp.dot(z, errors[(m, shots, task)].astype(r.dtype) - r)
+    return out
+
+
+def _term_index(shots: int, task: str) -> int:
+    """One multiplier stream per (shots, task source), shared by the methods reading that term."""
+    return int(shots) * len(TASK_SOURCES) + list(TASK_SOURCES).index(task)
+
+
+class Paths(NamedTuple):
+    """P paths of one run: params leaves (P, ...); history (P, K) loss per bucket; final_loss (P,)."""
+
+    params: dict
+    history: np.ndarray
+    final_loss: np.ndarray
+
+
+def path_runs(runs: Sequence[Run], paths: int) -> list[Run]:
+    """Each run repeated `paths` times with keys fold_in(run key, path), path-major within a run."""
+    if int(paths) < 1:
+        raise ValueError(f"paths must be >= 1; got {paths}")
+    out = []
+    for i, run in enumerate(runs):
+        if run.key is None:
+            raise ValueError(f"run {run.name or i}: the SGD prediction needs a PRNG key for its noise; got None")
+        out += [dataclasses.replace(run, key=jax.random.fold_in(run.key, p)) for p in range(int(paths))]
+    return out
+
+
+def sgd_plan(runs: Sequence[Run], paths: int = 32, *, gradient_flow: bool = False, **plan_kwargs) -> list[Paths]:
+    """The SGD-aware prediction of every run: `paths` paths of the diffusion on the engine (one
+    program per group, paths vmapped like seeds), in the order of `runs`. gradient_flow=True
+    switches the noise off: one path, theory.solver.flow_plan's result."""
+    if gradient_flow:
+        return [_gather([r]) for r in flow_plan(runs, **plan_kwargs)]
+    res = train_plan(path_runs(runs, paths), source="diffusion", **plan_kwargs)
+    return [_gather(res[i * paths:(i + 1) * paths]) for i in range(len(runs))]
+
+
+def _gather(results: list[TrainResult]) -> Paths:
+    params = {k: np.stack([r.params[k] for r in results]) for k in results[0].params}
+    return Paths(params, np.stack([r.history for r in results]), np.stack([r.final_loss for r in results]))
+
+
+class CurveStats(NamedTuple):
+    """Exact test errors of end points: mean and sd over them, and the mean's own standard error
+    (sd / sqrt(count)); arrays (T, N)."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+    se: np.ndarray
+
+
+def end_point_curves(stacked: dict, theta0, shots, noise: float, normalization: str = "tokens",
+                     tasks=None) -> CurveStats:
+    """Mean, seed-to-seed sd and its SE of the exact test error of stacked end points (leading
+    axis: paths, or seeds x paths flattened) on the test tasks."""
+    kw = {} if tasks is None else {"tasks": tasks}
+    c = task_curves(stacked, theta0, shots, noise, normalization, **kw)  # (P, T, N)
+    P = c.shape[0]
+    sd = c.std(axis=0, ddof=1) if P > 1 else np.zeros(c.shape[1:])
+    return CurveStats(c.mean(axis=0), sd, sd / math.sqrt(P))
