@@ -9,7 +9,8 @@ prompts once, from the key fold_in(fold_in(key, shots), source index), so every 
 program sees the same prompts (common random numbers). One-layer models read the prompts through
 their statistics (zq, S) (linattn.model.predict_many_from_stats: two matrix products shared by
 the M methods), drawn directly by the statistics sampler where that pays (resolve_sampler).
-Deeper models read the tokens themselves (linattn.model.predict).
+Deeper models and other registered models (linattn.models: the softmax transformer) read the
+tokens themselves through their model's predict.
 The exact counterpart with the same signature is theory.risk.exact_source.
 """
 
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from linattn import data as D
-from linattn.model import outer_sum, predict, predict_many_from_stats
+from linattn.model import outer_sum, predict_many_from_stats
+from linattn.models import dtype_of, model_of
 from linattn.objectives import TASK_SOURCES, task_spec
 
 
@@ -81,14 +83,14 @@ def monte_carlo(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> 
 def prompt_errors(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> dict:
     """The squared error of every prompt of every requested term (arguments as monte_carlo):
     {(method, shots, task source): (B,)}."""
-    one_layer = all(p["V"].shape[0] == 1 for p in params)
-    dtype = params[0]["V"].dtype
+    one_layer = all(model_of(p).one_layer(p) for p in params)
+    dtype = dtype_of(params[0])
     out = {}
     for (shots, task), ms in requests.items():
         saved = D.draws_per_prompt("tokens", shots, cfg.d) - D.draws_per_prompt("stats", shots, cfg.d)
         sampler = resolve_sampler(cfg.sampler, one_layer, saved, cfg.steps * cfg.batch)
         k = jax.random.fold_in(jax.random.fold_in(key, shots), list(TASK_SOURCES).index(task))
-        deep = [m for m in ms if params[m]["V"].shape[0] > 1]
+        deep = [m for m in ms if not model_of(params[m]).one_layer(params[m])]
         zq, S, Z, y = _draw(k, shots, task, cfg, ctx, dtype, sampler, tokens=bool(deep))
         flat = [m for m in ms if m not in deep]
         for heads in sorted({params[m]["V"].shape[1] for m in flat}):
@@ -97,6 +99,6 @@ def prompt_errors(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -
             err = (pred.astype(dtype) - y[:, None]) ** 2
             out.update({(m, shots, task): err[:, j] for j, m in enumerate(same)})
         for m in deep:
-            pred = predict(params[m], Z, normalization=cfg.normalization)
+            pred = model_of(params[m]).predict(params[m], Z, normalization=cfg.normalization)
             out[(m, shots, task)] = (pred - y) ** 2
     return out

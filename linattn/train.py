@@ -55,7 +55,7 @@ from linattn import step as St
 from linattn.minibatch import monte_carlo, resolve_sampler
 from linattn.objectives import ObjectiveConfig, get_objective
 from linattn.optim import OptimizerConfig, Subset, param_labels
-from linattn.params import check_params
+from linattn.models import dtype_of, model_of
 
 LAYOUTS = ("auto", "runs", "batch")
 SOURCES = ("mc", "exact", "diffusion")  # "exact" and "diffusion" run in float64
@@ -181,12 +181,13 @@ def _check_run(i: int, run: Run, source: str) -> None:
     if not isinstance(run.cfg, TrainConfig):
         raise TypeError(f"{what}: cfg must be a TrainConfig; got {type(run.cfg).__name__}")
     get_objective(run.objective)
-    check_params(run.params0, run.cfg.d)
+    model = model_of(run.params0)
+    model.check(run.params0, run.cfg.d)
     param_labels(run.params0, run.subset)
     lr = np.asarray(run.lr, np.float64)
     if lr.ndim or not np.isfinite(lr) or lr <= 0:
         raise ValueError(f"{what}: learning rate must be a finite number > 0; got {run.lr!r}")
-    resolve_sampler(run.cfg.sampler, run.params0["V"].shape[0] == 1)
+    resolve_sampler(run.cfg.sampler, model.one_layer(run.params0))
     theta = np.shape(run.ctx.theta0)
     if theta != (run.cfg.d,):
         raise ValueError(f"{what}: theta0 has shape {theta}; expected ({run.cfg.d},) for d = {run.cfg.d}")
@@ -356,7 +357,7 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
     keys = np.concatenate([g.keys, np.repeat(g.keys[:1], pad, axis=0)]) if pad else g.keys
     filler = [next(int(i) for i in cells[:, m] if i >= 0) for m in range(M)]
     pick = lambda r, m: runs[cells[r, m] if cells[r, m] >= 0 else filler[m]]
-    dtype = np.float64 if source != "mc" else np.dtype(jnp.asarray(runs[filler[0]].params0["V"]).dtype)
+    dtype = np.float64 if source != "mc" else np.dtype(dtype_of(runs[filler[0]].params0))
     params0 = tuple(_stack([dict(pick(r, m).params0) for r in range(len(cells))], dtype) for m in range(M))
     lrs = tuple(np.asarray([pick(r, m).lr for r in range(len(cells))], dtype) for m in range(M))
     objs = tuple(_stack([pick(r, m).obj for r in range(len(cells))], dtype) for m in range(M))
