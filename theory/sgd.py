@@ -5,19 +5,23 @@ Shape notation: P paths per run, T test tasks, N shot counts.
 Training at batch B follows g_t = grad R(theta_t) + xi_t with E[xi_t] = 0 and Cov(xi_t) = C(theta_t)
 / B, C the per-prompt gradient covariance of each risk term at the current parameters (the terms of
 one step draw independent prompts). The prediction keeps the drift exact (the population risk,
-theory.risk.exact_source) and draws noise of exactly that covariance from the model itself: a
-probe of K = min(PROBE, B) fresh prompts per term, whose minibatch gradient has covariance C / K,
-scaled by c = sqrt(K / B):
+theory.risk.exact_source) and draws noise of exactly that covariance from the model itself: each
+term's value is
 
-    value = R(theta) + c (R_K(theta) - R(theta)),   grad = grad R + c (grad R_K - grad R).
+    R(theta) + sum_k z_k (e_k(theta) - R(theta)) / sqrt(B K),
 
-Its noise has mean zero and covariance c^2 C / K = C / B at every step, whatever K is; at large B
-the SGD noise is Gaussian (a sum of B independent per-prompt gradients) and its higher cumulants
-vanish, so what the end point's distribution depends on to leading order is reproduced: the
-stochastic modified equation of SGD with momentum, simulated on the engine (the same optax
-optimizer, clipping, schedule and steps as training), P independent paths per run. With c = 0 it
-is the gradient flow (theory.solver.flow_plan); c -> 0 as B grows. The fine-tuning dataset is
-replaced by its population, as in the exact source (infinite-data model).
+e_1..e_K the squared errors of K = PROBE fresh prompts and z_k independent standard normals, so its
+gradient noise sum_k z_k (grad e_k - grad R) / sqrt(B K) has mean zero and covariance C / B at
+every step, for any objective, subset and model, and is Gaussian given the probe. Everything else is
+training's own: the engine runs it with the same optax optimizer (momentum, clipping), schedule and
+steps, P independent paths per run (vmapped like seeds). Without noise it is the gradient flow
+(theory.solver.flow_plan); as B grows it tends to it. The fine-tuning dataset is replaced by its
+population, as in the exact source (infinite-data model).
+
+The probe's covariance estimate fluctuates (a Gaussian scale mixture); per-prompt gradients are
+polynomials of degree 6 in Gaussians, heavy-tailed, so a small probe adds fourth-moment effects
+that SGD at batch B does not have. The end point depends on K until K is a few hundred
+(DERIVATIONS section 8 has the measurements); PROBE = 256.
 """
 
 from __future__ import annotations
