@@ -16,7 +16,7 @@ import pytest
 from sims import forgetting as S
 
 MODULES = ("sims.forgetting", "sims.plot", "sims.sgd_gap", "sims.benchmark", "theory.risk", "theory.optimal",
-           "theory.bench", "sims.sweep", "sims.launch", "sims.phase",
+           "theory.bench", "theory.predict", "sims.sweep", "sims.launch", "sims.phase",
            "sims.softmax", "sims.plot_softmax")
 
 # (module, argv, substrings of the error line: the bad value and what is allowed). {P}: a valid
@@ -82,6 +82,18 @@ CASES = [
     ("theory.optimal", ["--method", "pretrain", "--d", "0"], ["--d", "got 0", ">= 1"]),
     ("theory.optimal", ["--method", "pretrain", "--out", "{X}/P.json"], ["{X}", "does not exist"]),
     ("theory.optimal", ["--method", "pretrain", "--out", "."], ["'.'", "is a folder"]),
+    ("theory.predict", [], ["--params"]),
+    ("theory.predict", ["--params", "{P}"], ["--theta"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0"], ["2 entries", "d = 5"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--objective", "zz"], ["'zz'", "choose from", "'zs'"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--subset", "w"], ["'w'", "allowed", "'kq'"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--batch", "0"], ["--batch", "'0'", "> 0"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--shots", "0,-1"], ["-1", ">= 0"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--task", "fix"], ["'fix'", "choose from", "'fixed'"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--momentum", "1"], ["--momentum 1", "< 1"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--dataset", "100"], ["--dataset 100", "not modelled"]),
+    ("theory.predict", ["--params", "{P}", "--theta=1,0,0,0,0", "--paths", "0"], ["--paths", "'0'", "> 0"]),
+    ("theory.predict", ["--params", "{X}", "--theta=1,0,0,0,0"], ["{X}", "cannot read"]),
     ("theory.bench", ["--d", "0"], ["--d", "'0'", "> 0"]),
     ("theory.bench", ["--heads", "x"], ["--heads", "'x'", "integer"]),
     ("sims.benchmark", ["--workload", "nope"], ["'nope'", "choose from"]),

@@ -22,7 +22,7 @@ import numpy as np
 from linattn.cli import Parser, non_negative, number_list, positive
 from linattn.data import check_shots
 from linattn.objectives import OBJECTIVES, SCHEDULES, ObjectiveConfig
-from linattn.optim import OptimizerConfig
+from linattn.optim import OptimizerConfig, param_labels
 from linattn.params import load_params
 from linattn.train import Run, TaskContext, TrainConfig
 from theory.sgd import end_point_curves, sgd_plan
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
                           optimizer=opt, history=min(100, args.steps))
         obj = ObjectiveConfig(m=args.m, n_ft=args.n_ft, schedule=args.schedule, aux_weight=args.aux_weight,
                               l2=args.l2, ref_params=params if args.objective == "zs_l2" else None)
+        param_labels(params, args.subset)  # an unknown subset is refused before any work
         run = Run(jax.random.PRNGKey(args.seed), params, TaskContext(jnp.asarray(theta)), args.objective,
                   args.subset, args.lr, obj, cfg)
         paths = 1 if args.gradient_flow else args.paths
