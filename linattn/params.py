@@ -260,3 +260,14 @@ def gamma_w(params: Mapping) -> tuple[np.ndarray, np.ndarray]:
     d = kq.shape[-1] - 2
     g = np.trace(kq[:, 1 : d + 1, 1 : d + 1], axis1=-2, axis2=-1) / d
     return g.reshape(lead), V[..., 0, 0, -1, -1]
+
+
+def family_member(params: Mapping) -> np.ndarray:
+    """kappa = (Q^T K)[0,0] * w (head 0; KQ[0,0] * w for merged trees) of one-layer trees, any
+    leading axes: the coordinate along the full-ZS minimizer family that the zero-shot loss leaves
+    free (DERIVATIONS section 3, branch A), the flat coordinate of issue #13."""
+    V = np.asarray(params["V"])
+    lead = V.shape[:-4]
+    flat = {k: jnp.asarray(np.asarray(v).reshape((-1,) + np.shape(v)[-4:])) for k, v in params.items()}
+    k00 = np.asarray(jax.vmap(effective_kq)(flat))[:, 0, 0, 0, 0]
+    return k00.reshape(lead) * V[..., 0, 0, -1, -1]

@@ -101,6 +101,16 @@ class StudyConfig:
 
         return plain(dataclasses.asdict(self))
 
+    @classmethod
+    def from_json(cls, obj: dict) -> "StudyConfig":
+        """The inverse of to_json (DIR/config.json's "config")."""
+        tup = lambda v: tuple(v) if isinstance(v, list) else v
+        train = dict(obj["train"], optimizer=T.OptimizerConfig(**obj["train"]["optimizer"]))
+        train = T.TrainConfig(**{k: tup(v) for k, v in train.items()})
+        objective = ObjectiveConfig(**{k: tup(v) for k, v in obj["objective"].items()})
+        return cls(**{k: tup(v) for k, v in obj.items() if k not in ("train", "objective")}, train=train,
+                   objective=objective)
+
 
 # CLI flag -> (nested config, field) for the fields of the library configs a study overrides
 NESTED = {"steps": ("train", "steps"), "batch": ("train", "batch"), "d": ("train", "d"), "noise": ("train", "noise"),
@@ -207,7 +217,8 @@ def root_key(cfg: StudyConfig):
     return jax.random.PRNGKey(cfg.seed)
 
 
-PURPOSE = {"theta0": 0, "dataset": 1, "init": 2, "pretrain": 3, "finetune": 4, "eval": 5, "init_sep": 6}
+PURPOSE = {"theta0": 0, "dataset": 1, "init": 2, "pretrain": 3, "finetune": 4, "eval": 5, "init_sep": 6,
+           "sgd_gap": 7, "sgd_aware": 8}
 
 
 def key_for(cfg: StudyConfig, purpose: str, *more: int):

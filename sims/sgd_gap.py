@@ -1,18 +1,19 @@
-"""Why trained weights and the gradient-flow prediction differ: a batch-size scan.
+"""What minibatch SGD reaches against its predictions: a batch-size scan (issue #13).
 
-    python -m sims.sgd_gap RUN_DIR [--method zs_all] [--batches 500 2000 8000] [--no-dataset]
+    python -m sims.sgd_gap RUN_DIR [--methods zs_all sep_zs_all] [--batches 500 2000 5000]
 
-Fine-tunes one method from the pretrained weights saved in RUN_DIR (a sims.forgetting folder)
-at several batch sizes, all else as in that run, and prints the exact risk (no Monte Carlo) of the
-trained weights against that of the population-gradient-flow prediction. If the gap comes from
-minibatch noise (SGD drifting along the degenerate family of minimizers), it shrinks as the batch
-grows. --no-dataset draws fine-tuning prompts fresh from theta0 instead of the finite dataset.
-Writes RUN_DIR/sgd_gap_METHOD.json.
+Fine-tunes each method from the pretrained weights saved in RUN_DIR (a sims.forgetting folder) at
+several batch sizes, all else as in that run, with prompts drawn fresh from theta0 (--dataset: the
+run's finite dataset), `--reps` SGD runs per pretrained seed. Beside it, the two predictions from
+the same weights: the gradient flow (the run's piece) and the SGD-aware prediction (theory.sgd,
+`--paths` paths per seed). Compared: the flat coordinate kappa = (Q^T K)[0,0] w
+(linattn.params.family_member) and the exact test error of every end point (no Monte Carlo) on the
+three test tasks; means, their SE and the spread over runs. Results per (method, batch) in
+RUN_DIR/sgd_gap/METHOD_bB.json (a rerun skips finished ones), the figure RUN_DIR/sgd_gap/flat_vs_batch.png.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -24,59 +25,148 @@ import numpy as np
 
 from linattn import train as T
 from linattn.cli import Parser, non_negative, positive
+from linattn.params import family_member
+from linattn.records import versions
 from sims import forgetting as S
 from theory.risk import task_curves
+from theory.sgd import PROBE, sgd_plan
+
+
+def _stats(x: np.ndarray) -> dict:
+    """Mean, its SE and the sd over the leading axis."""
+    x = np.asarray(x, np.float64)
+    sd = x.std(axis=0, ddof=1)
+    return {"mean": x.mean(0).tolist(), "se": (sd / np.sqrt(len(x))).tolist(), "sd": sd.tolist()}
+
+
+def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dataset: bool) -> dict:
+    """SGD, its SGD-aware prediction and the gradient flow of one method at one batch size."""
+    pre = S.unpack("p_", store.load(f"pretrain_{method.model}"))
+    theta0 = S.theta0_of(cfg)
+    ctx = T.TaskContext(jnp.asarray(theta0, jnp.float32), S.finetune_data(cfg, theta0) if dataset else None)
+    sub = S.dataclasses.replace(cfg, train=S.dataclasses.replace(cfg.train, batch=batch))
+    base = [S.finetune_run(sub, S.Cell(method.name, method, s, 1.0), {method.model: pre}, ctx) for s in range(cfg.seeds)]
+    key = S.key_for(cfg, "sgd_gap", batch)
+    sgd_runs = [S.dataclasses.replace(r, key=jax.random.fold_in(key, s * reps + j)) for s, r in enumerate(base)
+                for j in range(reps)]
+    t0 = time.time()
+    sim = S.stack([r.params for r in T.train_plan(sgd_runs)])
+    t_sim = time.time() - t0
+    pred_runs = [S.dataclasses.replace(r, key=jax.random.fold_in(jax.random.fold_in(key, 10**6), s))
+                 for s, r in enumerate(base)]
+    t0 = time.time()
+    pred = {k: np.concatenate([p.params[k] for p in sgd_plan(pred_runs, paths=paths)]) for k in sim}
+    t_pred = time.time() - t0
+    flow = S.unpack("flow_", store.load(method.name))
+    curves = lambda p: task_curves(p, theta0, shots, cfg.noise, cfg.normalization)
+    return {"method": method.name, "batch": batch, "reps": reps, "paths": paths, "probe": PROBE,
+            "dataset": dataset, "shots": list(map(int, shots)), "tasks": list(S.TASKS),
+            "sgd": {"kappa": _stats(family_member(sim)), "curves": _stats(curves(sim)), "seconds": t_sim},
+            "sgd_aware": {"kappa": _stats(family_member(pred)), "curves": _stats(curves(pred)), "seconds": t_pred},
+            "flow": {"kappa": _stats(family_member(flow)), "curves": _stats(curves(flow))},
+            "versions": versions()}
+
+
+def gaps(point: dict) -> dict:
+    """(simulated - predicted) / SE, the SE combining both sides' SEs, for the flow and the
+    SGD-aware prediction: {"flow": (T, N), "sgd_aware": (T, N)} and the kappa gaps."""
+    s = point["sgd"]
+    out = {}
+    for name in ("flow", "sgd_aware"):
+        p = point[name]
+        for what in ("kappa", "curves"):
+            se = np.hypot(np.asarray(s[what]["se"]), np.asarray(p[what]["se"]))
+            out[f"{name}_{what}"] = ((np.asarray(s[what]["mean"]) - np.asarray(p[what]["mean"])) / se).tolist()
+    return out
+
+
+def draw(points: list[dict], path: Path) -> None:
+    """kappa and the 20-shot (or largest) error on -theta0 against the batch size, per method:
+    SGD seed mean +- SE, the gradient flow, the SGD-aware prediction with its SE band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 6.4), squeeze=False)
+    for j, m in enumerate(methods):
+        pts = sorted((p for p in points if p["method"] == m), key=lambda p: p["batch"])
+        B = np.array([p["batch"] for p in pts])
+        n = pts[0]["shots"].index(20) if 20 in pts[0]["shots"] else -1
+        t = pts[0]["tasks"].index("minus_theta0")
+        rows = [("kappa", lambda q: (q["kappa"]["mean"], q["kappa"]["se"]), "flat coordinate (QᵀK)[0,0]·w"),
+                ("err", lambda q: (q["curves"]["mean"][t][n], q["curves"]["se"][t][n]),
+                 f"{pts[0]['shots'][n]}-shot error on −θ0 (exact)")]
+        for i, (_, get, label) in enumerate(rows):
+            ax = axes[i, j]
+            sim = np.array([get(p["sgd"]) for p in pts])
+            pred = np.array([get(p["sgd_aware"]) for p in pts])
+            flow = get(pts[0]["flow"])[0]
+            ax.axhline(flow, color="0.4", ls="--", lw=1.2, label="gradient flow")
+            ax.plot(B, pred[:, 0], color="tab:blue", marker="s", ms=4, label="SGD-aware prediction")
+            ax.fill_between(B, pred[:, 0] - 2 * pred[:, 1], pred[:, 0] + 2 * pred[:, 1], color="tab:blue", alpha=0.2)
+            ax.errorbar(B, sim[:, 0], yerr=2 * sim[:, 1], fmt="o", color="tab:red", capsize=3,
+                        label="SGD, seed mean ± 2 SE")
+            ax.set_xscale("log")
+            ax.set_xticks(B, [str(b) for b in B])
+            ax.minorticks_off()
+            ax.set_ylabel(label)
+            if i == 0:
+                ax.set_title(m)
+            if i == 1:
+                ax.set_xlabel("batch size")
+    axes[0, 0].legend(fontsize=8, loc="best")
+    fig.suptitle("Where minibatch SGD ends: simulation against the gradient flow and the SGD-aware prediction "
+                 "(band: ± 2 SE)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     p = Parser(prog="python -m sims.sgd_gap", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a finished python -m sims.forgetting folder")
-    p.add_argument("--method", default="zs_all", help="a method of that run")
-    p.add_argument("--batches", type=positive(int), nargs="+", default=[500, 2000, 8000], help="batch sizes to re-train at")
-    p.add_argument("--no-dataset", action="store_true", help="draw fine-tuning prompts fresh from theta0")
-    p.add_argument("--shots", type=non_negative(int), nargs="+", default=[0, 20, 40], help="shot counts compared")
+    p.add_argument("--methods", nargs="+", default=["zs_all"], help="methods of that run")
+    p.add_argument("--batches", type=positive(int), nargs="+", default=[500, 2000, 5000], help="batch sizes")
+    p.add_argument("--reps", type=positive(int), default=2, help="SGD runs per pretrained seed")
+    p.add_argument("--paths", type=positive(int), default=4, help="SGD-aware prediction paths per pretrained seed")
+    p.add_argument("--dataset", action="store_true", help="SGD draws theta0 prompts from the run's finite dataset")
+    p.add_argument("--shots", type=non_negative(int), nargs="+", default=[0, 1, 2, 5, 10, 20, 40],
+                   help="shot counts compared")
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     if not (run / "config.json").is_file():
         p.error(f"{str(run)!r} has no config.json (allowed: a folder written by python -m sims.forgetting)")
-    if args.method not in S.METHOD_BY_NAME:
-        p.error(f"--method {args.method!r} unknown; allowed: {list(S.METHOD_BY_NAME)}")
-    if not (run / "pieces" / f"{args.method}.npz").is_file():
-        p.error(f"--method {args.method!r}: {str(run)!r} has no finished piece for it")
-    saved = json.loads((run / "config.json").read_text())["config"]
-    cfg = S.StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-                           if k not in ("train", "objective")},
-                        train=T.TrainConfig(**{k: v for k, v in saved["train"].items() if k != "optimizer"},
-                                            optimizer=T.OptimizerConfig(**saved["train"]["optimizer"])),
-                        objective=S.ObjectiveConfig(**saved["objective"]))
-    method = S.METHOD_BY_NAME[args.method]
+    for m in args.methods:
+        if m not in S.METHOD_BY_NAME:
+            p.error(f"--methods {m!r} unknown; allowed: {list(S.METHOD_BY_NAME)}")
+        if not (run / "pieces" / f"{m}.npz").is_file():
+            p.error(f"--methods {m!r}: {str(run)!r} has no finished piece for it")
+    cfg = S.StudyConfig.from_json(json.loads((run / "config.json").read_text())["config"])
     store = S.Store(run)
-    pre = S.unpack("p_", store.load(f"pretrain_{method.model}"))
-    theta0 = S.theta0_of(cfg)
-    data = None if args.no_dataset else S.finetune_data(cfg, theta0)
-    shots = np.asarray(args.shots)
-    piece = store.load(method.name)
-    flow = S.unpack("flow_", piece)
-    pred = task_curves(flow, theta0, shots, cfg.noise)  # (S, 3, len(shots))
-    out = {"method": method.name, "shots": shots.tolist(), "tasks": list(S.TASKS), "dataset": not args.no_dataset,
-           "prediction": pred.mean(0).tolist(), "batches": {}}
-    print(f"{method.name}: exact risk, seed mean over {cfg.seeds} seeds; tasks {S.TASKS}, shots {shots.tolist()}")
-    print(f"  gradient-flow prediction: {np.round(pred.mean(0), 4).tolist()}")
-    for b in args.batches:
-        t0 = time.time()
-        ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=data)
-        sub = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch=b))
-        runs = [S.finetune_run(sub, S.Cell(method.name, method, s, 1.0), {method.model: pre}, ctx)
-                for s in range(cfg.seeds)]
-        res = T.train_plan(runs)
-        th = task_curves(S.stack([r.params for r in res]), theta0, shots, cfg.noise)
-        gap = th.mean(0) - pred.mean(0)
-        se = th.std(0, ddof=1) / np.sqrt(th.shape[0])
-        out["batches"][str(b)] = {"trained": th.mean(0).tolist(), "seed_se": se.tolist(), "gap": gap.tolist()}
-        print(f"  batch {b:6d}: trained {np.round(th.mean(0), 4).tolist()}  gap {np.round(gap, 4).tolist()}"
-              f"  (seed SE {np.round(se, 4).tolist()}; {time.time() - t0:.0f} s)")
-    suffix = "_fresh" if args.no_dataset else ""
-    (run / f"sgd_gap_{method.name}{suffix}.json").write_text(json.dumps(out, indent=1))
+    out = run / "sgd_gap"
+    out.mkdir(exist_ok=True)
+    points = []
+    for m in args.methods:
+        for b in args.batches:
+            f = out / f"{m}_b{b}{'_data' if args.dataset else ''}.json"
+            if f.is_file():
+                point = json.loads(f.read_text())
+            else:
+                point = scan_point(cfg, store, S.METHOD_BY_NAME[m], b, args.reps, args.paths, args.shots, args.dataset)
+                f.write_text(json.dumps(point, indent=1))
+            points.append(point)
+            g = gaps(point)
+            print(f"{m} batch {b}: kappa SGD {point['sgd']['kappa']['mean']:.4f} ± {point['sgd']['kappa']['se']:.4f} "
+                  f"(sd {point['sgd']['kappa']['sd']:.4f}); flow {point['flow']['kappa']['mean']:.4f} "
+                  f"({g['flow_kappa']:+.1f} SE); SGD-aware {point['sgd_aware']['kappa']['mean']:.4f} ± "
+                  f"{point['sgd_aware']['kappa']['se']:.4f} (sd {point['sgd_aware']['kappa']['sd']:.4f}; "
+                  f"{g['sgd_aware_kappa']:+.1f} SE); curves max |gap| flow "
+                  f"{np.abs(g['flow_curves']).max():.1f} SE, SGD-aware {np.abs(g['sgd_aware_curves']).max():.1f} SE",
+                  flush=True)
+    draw(points, out / "flat_vs_batch.png")
+    print(f"wrote {out / 'flat_vs_batch.png'}")
     return 0
 
 
