@@ -32,6 +32,8 @@ def plot(run_dir, out=None) -> Path:
     cfg, curves, tasks = res["config"], res["curves"], res["tasks"]
     names = ["pretrained", *res["methods"]]
     labels = {"pretrained": "pretrained", **res["methods"]}
+    top = max(max(v[t]["mean"]) for k, v in curves.items() if not k.startswith("baseline/") for t in tasks)
+    ylim = (0.07, float(np.clip(1.3 * top, 3.0, 30.0)))  # least squares peaks far above at n = d
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.3 * len(tasks)), sharex=True, sharey=True)
     for t, task in enumerate(tasks):
         for c, model in enumerate(("linear", "softmax")):
@@ -52,8 +54,12 @@ def plot(run_dir, out=None) -> Path:
                     ax.plot(shots, e[task]["theory_gradient_flow"], color=st["color"], lw=1, ls=st["ls"], zorder=2)
                 elif model == "linear" and name == "pretrained":
                     ax.plot(shots, e[task]["theory_sgd_end_points"], color=st["color"], lw=1, zorder=2)
+            same = [labels[n] for n in names[1:] if curves[f"{model}/{n}"][task]["mean"] == curves[f"{model}/pretrained"][task]["mean"]]
+            if same:  # a curve hidden under the pretrained one (e.g. softmax ZS (KQ): no gradient at n = 0)
+                ax.text(0.98, 0.95, f"{', '.join(same)} = pretrained (same curve)", transform=ax.transAxes,
+                        ha="right", va="top", fontsize=8)
             ax.set_yscale("log")
-            ax.set_ylim(0.07, 3.0)
+            ax.set_ylim(*ylim)
             ax.grid(alpha=0.3, which="both", lw=0.5)
             if t == 0:
                 ax.set_title(("linear attention, 1 layer: simulation (markers) and theory (lines)" if model == "linear"

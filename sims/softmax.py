@@ -1,7 +1,8 @@
 """Softmax attention against the linear theory: the forgetting study on a small transformer (issue #12).
 
-    python -m sims.softmax                       # the study (d = 5, 2 layers, width 64, 3 seeds)
-    python -m sims.softmax --quick               # a few-minute smoke run of the same code path
+    python -m sims.softmax                       # the study: d = 5, 2 layers, 4 heads, width 64, 3 seeds
+                                                 # (736 s on the shared 2-core CPU at load ~10)
+    python -m sims.softmax --quick               # a smoke run of the same code path (293 s there)
     python -m sims.softmax --from CKPT.msgpack --method zs_v --save FT.msgpack   # fine-tune a checkpoint
 
 Shape notation: S seeds, T = 3 test tasks (linattn.evaluate.TEST_TASKS), N shot counts.
