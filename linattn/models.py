@@ -39,7 +39,7 @@ LINEAR_SUBSETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _no_check(name):
+def _baseline_check(name):
     def check(params, d=None):
         if set(params) != {name}:
             raise ValueError(f"{name} baseline tree has leaves {sorted(params)}; expected [{name!r}]")
@@ -58,9 +58,9 @@ def register_model(m: Model) -> Model:
 
 register_model(Model("softmax", lambda p: "embed" in p, softmax.check_params, lambda p: softmax.dims(p)["d"],
                      lambda p: False, softmax.predict, softmax.SUBSETS, "embed", 2))
-register_model(Model("ridge", lambda p: "ridge" in p, _no_check("ridge"), lambda p: None, lambda p: False,
+register_model(Model("ridge", lambda p: "ridge" in p, _baseline_check("ridge"), lambda p: None, lambda p: False,
                      baselines.predict_ridge, {}, "ridge", 0))
-register_model(Model("zero", lambda p: "zero" in p, _no_check("zero"), lambda p: None, lambda p: False,
+register_model(Model("zero", lambda p: "zero" in p, _baseline_check("zero"), lambda p: None, lambda p: False,
                      baselines.predict_zero, {}, "zero", 0))
 LINEAR = Model("linear", lambda p: True, check_linear, lambda p: int(np.shape(p["V"])[-1]) - 2,
                lambda p: np.shape(p["V"])[-4] == 1, linear.predict, LINEAR_SUBSETS, "V", 4)
