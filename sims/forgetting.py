@@ -43,6 +43,7 @@ from linattn.objectives import ObjectiveConfig
 from linattn.params import gamma_w, init_params, interpolate, params_to_json, to_merged
 from linattn.records import versions
 from theory.risk import task_curves
+from theory.sgd import path_runs
 from theory.solver import flow_plan
 
 TASKS = tuple(TEST_TASKS)
@@ -77,6 +78,7 @@ class StudyConfig:
     d_seeds: int = 3  # seeds at those dimensions
     methods: tuple = ()  # fine-tuning methods to run (names in METHODS); () for all
     early_stops: tuple = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # fractions of ft_steps where iterates are kept
+    sgd_paths: int = 4  # SGD-aware prediction (theory.sgd): noise paths per method and seed; 0: none
 
     @property
     def d(self) -> int:
@@ -525,23 +527,39 @@ def ewc_curvatures(cfg, trees: dict) -> np.ndarray:
     return _CURVATURES[key]
 
 
+def sgd_aware_runs(cfg, cells, pre, ctx) -> list[T.Run]:
+    """Stage D: the SGD-aware prediction (theory.sgd) of every method cell (not the sweeps), its
+    cfg.sgd_paths noise paths per cell. The paths of one seed share keys across methods (fused, and
+    common random numbers), key fold_in(fold_in(root, "sgd_aware"), seed), then the path."""
+    runs = [dataclasses.replace(finetune_run(cfg, c, pre, ctx, key=False), key=key_for(cfg, "sgd_aware", c.seed))
+            for c in cells if not c.piece.startswith("sweep_")]
+    return path_runs(runs, cfg.sgd_paths) if runs and cfg.sgd_paths else []
+
+
 def frontier_runs(cfg, pieces, pre, ctx) -> list[T.Run]:
     """Gradient flow from seed 0's pretrained parameters at every frontier weight, per sweep piece."""
     return [finetune_run(cfg, Cell(p, METHOD_BY_NAME[p[len("sweep_"):]], 0, 1.0), pre, ctx, aux=float(w), key=False)
             for p in pieces if p.startswith("sweep_") for w in cfg.frontier_weights]
 
 
-def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0) -> dict:
+def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0, aware=()) -> dict:
     """Evaluation and theory of the method and sweep pieces: {piece: arrays}.
 
-    trained / flows: results per cell; front: (run, result) of the frontier flows. A sweep piece's
+    trained / flows: results per cell; front: (run, result) of the frontier flows; aware: the
+    stage-D results, cfg.sgd_paths per method cell in order (sgd_aware_runs). A sweep piece's
     arrays have shape (W, S', T, N).
     """
     idx = {p: [i for i, c in enumerate(cells) if c.piece == p] for p in pieces}
     params = {p: stack([trained[i].params for i in idx[p]]) for p in pieces}
     flow = {p: stack([flows[i].params for i in idx[p]]) for p in pieces}
-    sims, theory = in_parallel(lambda: evaluate_models(cfg, params, theta0),
-                               lambda: theory_models(cfg, {**params, **{f"flow/{p}": f for p, f in flow.items()}}, theta0))
+    ends = {}  # piece -> the SGD-aware paths' end points and loss histories, (S * P, ...)
+    if len(aware):
+        method_cells = [c for c in cells if not c.piece.startswith("sweep_")]
+        for j, c in enumerate(method_cells):
+            ends.setdefault(c.piece, []).extend(aware[j * cfg.sgd_paths:(j + 1) * cfg.sgd_paths])
+    models = {**params, **{f"flow/{p}": f for p, f in flow.items()},
+              **{f"sgd/{p}": stack([r.params for r in rs]) for p, rs in ends.items()}}
+    sims, theory = in_parallel(lambda: evaluate_models(cfg, params, theta0), lambda: theory_models(cfg, models, theta0))
     out = {}
     for p in pieces:
         (mean, se), th, fl = sims[p], theory[p], theory[f"flow/{p}"]
@@ -552,7 +570,10 @@ def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0
                          **pack("snap_flow_", stack([flows[i].snapshots for i in idx[p]]))}
             out[p] = {**pack("p_", params[p]), **pack("flow_", flow[p]), **snaps,
                       "history": np.stack([trained[i].history for i in idx[p]]),
+                      "history_flow": np.stack([flows[i].history for i in idx[p]]),
                       "sim_mean": mean, "sim_se": se, "theory": th, "theory_optimum": fl}
+            if p in ends:  # (S * P, T, N) exact curves of the paths; (S * P, K) their loss histories
+                out[p].update({"sgd_aware": theory[f"sgd/{p}"], "history_sgd_aware": np.stack([r.history for r in ends[p]])})
             continue
         shape = (len(cfg.sweep_weights), cfg.sweep_seeds) + th.shape[1:]
         fr = stack([res.params for run, res in front if run.name.startswith(p + "[")])
@@ -654,6 +675,8 @@ def check_study(cfg: StudyConfig) -> None:
     for f in ("ft_steps", "seeds", "dataset", "eval_samples", "eval_chunk", "sweep_seeds", "d_steps", "d_seeds"):
         if int(getattr(cfg, f)) < 1:
             raise ValueError(f"{f} must be an integer >= 1; got {getattr(cfg, f)}")
+    if int(cfg.sgd_paths) < 0:
+        raise ValueError(f"sgd_paths must be an integer >= 0; got {cfg.sgd_paths}")
     if not (np.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be a finite number > 0; got {cfg.lr}")
     if not (np.isfinite(cfg.objective.l2) and cfg.objective.l2 >= 0):
@@ -748,7 +771,8 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     cells = finetune_cells(cfg, todo_ft)
     pre_runs = pretrain_runs(cfg, todo_pre)
     seeds_b = len({c.seed for c in cells})  # stage B's slots: every run of a seed shares its key
-    progress = Progress(_work(pre_runs) + seeds_b * cfg.ft_steps)
+    seeds_d = seeds_b * cfg.sgd_paths if any(not c.piece.startswith("sweep_") for c in cells) else 0
+    progress = Progress(_work(pre_runs) + (seeds_b + seeds_d) * cfg.ft_steps)
     for p in pre_names:
         if p not in todo_pre:
             log(f"{p}: already done, loaded")
@@ -763,6 +787,9 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
             T.precompile(plan_b, devices=devices)
         if not store.has(plan_name("C", plan_c)):
             T.precompile(plan_c, source="exact", devices=devices)
+        plan_d = sgd_aware_runs(cfg, cells, like, ectx)
+        if plan_d and not store.has(plan_name("D", plan_d)):
+            T.precompile(plan_d, source="diffusion", devices=devices)
 
     # A. pretraining
     if todo_pre:
@@ -790,8 +817,14 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         flows = planned(store, "C", flow_runs, lambda r: flow_plan(r, devices=devices))
         log(f"stage C: {len(flow_runs)} gradient flows in {time.time() - t1:.0f} s")
         front = list(zip(flow_runs[len(cells):], flows[len(cells):]))
+        t3 = time.time()
+        d_runs = sgd_aware_runs(cfg, cells, pre, ectx)
+        aware = planned(store, "D", d_runs, lambda r: T.train_plan(
+            r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r)))) if d_runs else []
+        if d_runs:
+            log(f"stage D: {len(d_runs)} SGD-aware prediction paths in {time.time() - t3:.0f} s")
         t2 = time.time()
-        pieces = finetune_pieces(cfg, todo_ft, cells, trained, flows, front, theta0)
+        pieces = finetune_pieces(cfg, todo_ft, cells, trained, flows, front, theta0, aware)
         log(f"evaluation and exact curves of {len(todo_ft)} pieces in {time.time() - t2:.0f} s")
         for p, arrays in pieces.items():
             save(p, arrays, t0)
@@ -850,11 +883,17 @@ def curves_json(cfg, piece: dict, with_opt=True, tasks=TASKS) -> dict:
     from a piece's arrays (S, T, N) (theory_optimum (S, T, N) or broadcastable)."""
     mean, se, mc, th, th_se = seed_stats(piece["sim_mean"], piece["sim_se"], piece["theory"])
     opt = np.broadcast_to(piece["theory_optimum"], piece["theory"].shape).mean(0) if with_opt else None
+    aware = piece.get("sgd_aware")  # (S * P, T, N): the SGD-aware prediction's paths
     out = {}
     for t, name in enumerate(tasks):
         out[name] = {"shots": shots_of(cfg).tolist(), "sim_mean": mean[t].tolist(), "sim_se": se[t].tolist(),
                      "theory": th[t].tolist(), "theory_optimum": None if opt is None else opt[t].tolist(),
                      "sim_se_mc": mc[t].tolist(), "theory_se_seeds": th_se[t].tolist()}
+        if aware is not None and with_opt:
+            sd = aware[:, t].std(axis=0, ddof=1)
+            out[name].update({"theory_sgd": aware[:, t].mean(0).tolist(), "theory_sgd_sd": sd.tolist(),
+                              "theory_sgd_se": (sd / np.sqrt(len(aware))).tolist(),
+                              "sim_sd": (np.asarray(piece["theory"])[:, t].std(axis=0, ddof=1)).tolist()})
     return out
 
 
@@ -868,6 +907,11 @@ def agreement(curve: dict) -> dict:
         out["sim_vs_optimum_max_se"] = float(np.max(z))
         out["sim_vs_optimum_worst_shot"] = int(np.argmax(z))
         out["sim_vs_optimum_max_rel"] = float(np.max(np.abs(sim - opt) / opt))
+    if curve.get("theory_sgd") is not None:  # the SE of both sides: seeds (and Monte Carlo), and the paths
+        z = np.abs(sim - np.asarray(curve["theory_sgd"])) / np.hypot(curve["sim_se"], curve["theory_sgd_se"])
+        out["sim_vs_sgd_max_se"] = float(np.max(z))
+        out["sim_vs_sgd_within_4se"] = float(np.mean(z < 4))
+        out["sim_vs_sgd_worst_shot"] = int(np.argmax(z))
     return out
 
 
@@ -890,8 +934,10 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
         }
         methods[name]["agreement"] = {t: agreement(c) for t, c in methods[name]["curves"].items()}
         timing[name] = float(piece["seconds"])
-        for k in ("sim_mean", "sim_se", "theory", "theory_optimum", "history"):
-            arrays[f"{name}/{k}"] = piece[k]
+        for k in ("sim_mean", "sim_se", "theory", "theory_optimum", "history", "history_flow", "sgd_aware",
+                  "history_sgd_aware"):
+            if k in piece:
+                arrays[f"{name}/{k}"] = piece[k]
         for k, v in params.items():
             arrays[f"{name}/params/{k}"] = np.asarray(v)
     sweeps = {}
@@ -974,6 +1020,7 @@ HELP = {  # what each study field is; --help adds its --quick and --full values
     "d_seeds": "seeds at those dimensions",
     "methods": "fine-tuning methods to run (none given: all); the theory figures add zs_all and zsfs_v",
     "early_stops": "fractions of --ft-steps after which every run's iterates are kept (early stopping of zs_all)",
+    "sgd_paths": "SGD-aware prediction (theory.sgd): noise paths per method and seed (0: gradient flow only)",
     "steps": "pretraining steps",
     "batch": "prompts per risk term and step",
     "d": "covariate dimension",
@@ -1023,7 +1070,7 @@ def parser():
         if name in ("methods", "sweep_methods"):
             vals += f"; allowed: {' '.join(m.name for m in METHODS)}"
         typ = float if name in floats else (str if name in ("methods", "sweep_methods") else int)
-        if name in ("seed", "noise", "l2"):
+        if name in ("seed", "noise", "l2", "sgd_paths"):
             typ = non_negative(typ)
         elif typ is not str and name not in ("sweep_weights", "frontier_weights", "early_stops"):
             typ = positive(typ) if name != "max_shots" else non_negative(int)

@@ -29,7 +29,7 @@ TASK_TITLES = {"theta0": r"fine-tuned task $\theta_0$", "minus_theta0": r"unseen
 HUES = {"all": ("#b2182b", "#ef8a62"), "kq": ("#2166ac", "#67a9cf"), "k": ("#2166ac", "#67a9cf"),
         "q": ("#762a83", "#c2a5cf"), "v": ("#1b7837", "#7fbf7b")}
 FIGURES = ("fig1_pretrained_by_d", "fig2_zs_family", "fig3_value_family", "fig4_theory_vs_sim", "fig5_methods",
-           "fig6_losses", "fig7_heatmaps_merged", "fig7_heatmaps_separate", "fig8_frontier")
+           "fig6_losses", "fig6b_loss_predictions", "fig7_heatmaps_merged", "fig7_heatmaps_separate", "fig8_frontier")
 
 
 def _builtin_styles() -> dict:
@@ -129,6 +129,15 @@ def _curve(res, name, task):
     return {k: (np.asarray(v) if v is not None else None) for k, v in c.items()}
 
 
+SGD_AWARE = "#2c7fb8"  # the SGD-aware prediction (theory.sgd) in every figure
+
+
+def _band(ax, x, mean, se, lab=None):
+    """The SGD-aware prediction: its path mean (dotted) and a band of ± 2 of its SE."""
+    ax.plot(x, mean, color=SGD_AWARE, lw=1.2, ls=":", label=lab)
+    ax.fill_between(x, mean - 2 * se, mean + 2 * se, color=SGD_AWARE, alpha=0.2, lw=0)
+
+
 def _errorbar(ax, shots, mean, se, st, lab=None, every=2):
     idx = np.arange(0, len(shots), every)
     ax.errorbar(shots[idx], mean[idx], yerr=se[idx], fmt=st["marker"], ms=3.5, color=st["color"], capsize=1.5,
@@ -223,7 +232,7 @@ def fig_value_family(res, arr, out):
 
 
 def fig_theory_vs_sim(res, arr, out):
-    names = [n for n in ("pretrained", "zs_all", "zs_v", "zsfs_v") if n in res["methods"]]
+    names = [n for n in ("pretrained", "zs_all", "zsfs_all", "zs_v", "zsfs_v") if n in res["methods"]]
     shots = arr["shots"]
     fig, axes = plt.subplots(3, len(names), figsize=(3.25 * len(names), 8.2), sharex=True, squeeze=False)
     for j, name in enumerate(names):
@@ -235,6 +244,8 @@ def fig_theory_vs_sim(res, arr, out):
             if c["theory_optimum"] is not None:
                 ax.plot(shots, c["theory_optimum"], color="gray", lw=1.2, ls="--",
                         label="exact risk of the predicted weights" if name != "pretrained" else "exact risk of the closed-form optimum")
+            if c.get("theory_sgd") is not None:
+                _band(ax, shots, c["theory_sgd"], c["theory_sgd_se"])
             _errorbar(ax, shots, c["sim_mean"], c["sim_se"], {**st, "ls": "-"}, "simulation (mean ± SE)")
             if i == 0:
                 ax.set_title(label(name, res), fontsize=10)
@@ -248,9 +259,11 @@ def fig_theory_vs_sim(res, arr, out):
     handles = [Line2D([], [], color="k", lw=1.4, label="exact risk of the trained weights (method colour)"),
                Line2D([], [], color="gray", lw=1.2, ls="--", label="exact risk of the predicted weights "
                       "(gradient flow; pretrained: closed-form optimum)"),
+               Line2D([], [], color=SGD_AWARE, lw=1.2, ls=":", label="SGD-aware prediction at the run's batch "
+                      "(theory.sgd; band ± 2 SE)"),
                Line2D([], [], color="k", marker="o", ls="", ms=3.5, label="simulation (seed mean ± SE)")]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.subplots_adjust(bottom=0.09)
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.03))
+    fig.subplots_adjust(bottom=0.11)
     fig.suptitle("Theory vs simulation", y=1.0)
     save(fig, out, "fig4_theory_vs_sim")
 
@@ -319,6 +332,44 @@ def fig_losses(res, arr, out):
         ax.title.set_fontsize(9)
     fig.subplots_adjust(wspace=0.3)
     save(fig, out, "fig6_losses")
+
+
+def fig_loss_predictions(res, arr, out):
+    """Each method's fine-tuning objective along training: simulation (seed mean, range over
+    seeds), the gradient flow (exact objective, seed mean) and the SGD-aware prediction (path mean
+    of the expected minibatch objective, ± 2 SE)."""
+    names = [n for n in res["methods"] if not n.endswith("pretrained") and f"{n}/history_flow" in arr]
+    cols = 4
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+    cfg = res["config"]
+    for ax, name in zip(axes.ravel(), names):
+        st = style(name)
+        h = arr[f"{name}/history"]
+        x = (np.arange(h.shape[1]) + 0.5) * cfg["ft_steps"] / h.shape[1]
+        ax.plot(x, h.mean(0), color=st["color"], lw=1.3, label="simulation (seed mean)")
+        if h.shape[0] > 1:
+            ax.fill_between(x, h.min(0), h.max(0), color=st["color"], alpha=0.15, lw=0)
+        ax.plot(x, arr[f"{name}/history_flow"].mean(0), color="gray", ls="--", lw=1.1, label="gradient flow")
+        if f"{name}/history_sgd_aware" in arr:
+            a = arr[f"{name}/history_sgd_aware"]
+            _band(ax, x, a.mean(0), a.std(0, ddof=1) / np.sqrt(a.shape[0]), "SGD-aware prediction (± 2 SE)")
+        ax.axhline(cfg["train"]["noise"], color="gray", lw=0.6, ls=":")
+        ax.set_yscale("log")
+        ax.set_title(label(name, res), fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    if names:
+        axes[0, 0].legend(fontsize=6.5)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("objective", fontsize=8)
+    fig.suptitle("Fine-tuning objective: simulation against the gradient flow and the SGD-aware prediction "
+                 "(dotted line: noise floor σ²)", fontsize=10)
+    fig.tight_layout()
+    save(fig, out, "fig6b_loss_predictions")
 
 
 def fig_heatmaps(res, arr, out, model):
@@ -517,7 +568,7 @@ def agreement_table(res) -> str:
 
 # every figure as (drawing function, extra arguments), slowest first (drawing time of a full run)
 JOBS = (("fig_heatmaps", ("merged",)), ("fig_heatmaps", ("separate",)), ("fig_theory_vs_sim", ()),
-        ("fig_methods", ()), ("fig_losses", ()), ("fig_frontier", ()), ("fig_pretrained_by_d", ()),
+        ("fig_methods", ()), ("fig_losses", ()), ("fig_loss_predictions", ()), ("fig_frontier", ()), ("fig_pretrained_by_d", ()),
         ("fig_zs_family", ()), ("fig_value_family", ()))
 
 

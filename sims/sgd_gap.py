@@ -58,7 +58,7 @@ def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dat
     pred = {k: np.concatenate([p.params[k] for p in sgd_plan(pred_runs, paths=paths)]) for k in sim}
     t_pred = time.time() - t0
     flow = S.unpack("flow_", store.load(method.name))
-    curves = lambda p: task_curves(p, theta0, shots, cfg.noise, cfg.normalization)
+    curves = lambda p: task_curves(p, theta0, shots, cfg.noise, cfg.train.normalization)
     return {"method": method.name, "batch": batch, "reps": reps, "paths": paths, "probe": PROBE,
             "dataset": dataset, "shots": list(map(int, shots)), "tasks": list(S.TASKS),
             "sgd": {"kappa": _stats(family_member(sim)), "curves": _stats(curves(sim)), "seconds": t_sim},
