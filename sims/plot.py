@@ -568,7 +568,8 @@ def agreement_table(res) -> str:
         for task, a in agree.items():
             lines.append(f"| {name} | {task} | {a['sim_vs_theory_max_se']:.2f} | {a.get('sim_vs_optimum_max_se', float('nan')):.2f}"
                          f" | {a.get('sim_vs_optimum_worst_shot', '')} | {100 * a.get('sim_vs_optimum_max_rel', float('nan')):.1f}%"
-                         f" | {a.get('sim_vs_sgd_max_se', float('nan')):.2f} | {100 * a.get('sim_vs_sgd_within_4se', float('nan')):.0f}% |")
+                         + (f" | {a['sim_vs_sgd_max_se']:.2f} | {100 * a['sim_vs_sgd_within_4se']:.0f}% |"
+                            if "sim_vs_sgd_max_se" in a else " | – | – |"))
     return "\n".join(lines) + "\n"
 
 
