@@ -536,6 +536,35 @@ def sgd_aware_runs(cfg, cells, pre, ctx) -> list[T.Run]:
     return path_runs(runs, cfg.sgd_paths) if runs and cfg.sgd_paths else []
 
 
+def sgd_aware_arrays(cfg, cells, aware, theta0) -> dict:
+    """{piece: {"sgd_aware": (S * P, T, N) exact curves of the paths' end points, "history_sgd_aware":
+    (S * P, K) their objective histories}} from stage D's results (cfg.sgd_paths per method cell of
+    `cells`, in order, as sgd_aware_runs makes them)."""
+    ends: dict = {}
+    method_cells = [c for c in cells if not c.piece.startswith("sweep_")]
+    for j, c in enumerate(method_cells):
+        ends.setdefault(c.piece, []).extend(aware[j * cfg.sgd_paths:(j + 1) * cfg.sgd_paths] if len(aware) else [])
+    ends = {p: rs for p, rs in ends.items() if rs}
+    curves = theory_models(cfg, {p: stack([r.params for r in rs]) for p, rs in ends.items()}, theta0) if ends else {}
+    return {p: {"sgd_aware": curves[p], "history_sgd_aware": np.stack([r.history for r in rs])} for p, rs in ends.items()}
+
+
+def backfill_sgd_aware(cfg, store, pieces: list[str], pre, ectx, theta0, devices=None) -> None:
+    """Add the SGD-aware prediction (stage D) and the flow's objective history to method pieces
+    saved before the study had them (older run folders), without re-training anything."""
+    cells = finetune_cells(cfg, pieces)
+    t0 = time.time()
+    d_runs = sgd_aware_runs(cfg, cells, pre, ectx)
+    log(f"stage D for {len(pieces)} earlier pieces ({', '.join(pieces)}): {len(d_runs)} SGD-aware prediction paths")
+    aware = planned(store, "D_backfill", d_runs, lambda r: T.train_plan(r, source="diffusion", devices=devices))
+    flows = flow_plan([finetune_run(cfg, c, pre, ectx, key=False) for c in cells], devices=devices)
+    arrays = sgd_aware_arrays(cfg, cells, aware, theta0)
+    for p in pieces:
+        hist = np.stack([f.history for c, f in zip(cells, flows) if c.piece == p])
+        store.save(p, {**store.load(p), **arrays[p], "history_flow": hist})
+        log(f"{p}: SGD-aware prediction added ({time.time() - t0:.0f} s)")
+
+
 def frontier_runs(cfg, pieces, pre, ctx) -> list[T.Run]:
     """Gradient flow from seed 0's pretrained parameters at every frontier weight, per sweep piece."""
     return [finetune_run(cfg, Cell(p, METHOD_BY_NAME[p[len("sweep_"):]], 0, 1.0), pre, ctx, aux=float(w), key=False)
@@ -552,14 +581,10 @@ def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0
     idx = {p: [i for i, c in enumerate(cells) if c.piece == p] for p in pieces}
     params = {p: stack([trained[i].params for i in idx[p]]) for p in pieces}
     flow = {p: stack([flows[i].params for i in idx[p]]) for p in pieces}
-    ends = {}  # piece -> the SGD-aware paths' end points and loss histories, (S * P, ...)
-    if len(aware):
-        method_cells = [c for c in cells if not c.piece.startswith("sweep_")]
-        for j, c in enumerate(method_cells):
-            ends.setdefault(c.piece, []).extend(aware[j * cfg.sgd_paths:(j + 1) * cfg.sgd_paths])
-    models = {**params, **{f"flow/{p}": f for p, f in flow.items()},
-              **{f"sgd/{p}": stack([r.params for r in rs]) for p, rs in ends.items()}}
-    sims, theory = in_parallel(lambda: evaluate_models(cfg, params, theta0), lambda: theory_models(cfg, models, theta0))
+    models = {**params, **{f"flow/{p}": f for p, f in flow.items()}}
+    sims, theory, ends = in_parallel(lambda: evaluate_models(cfg, params, theta0),
+                                     lambda: theory_models(cfg, models, theta0),
+                                     lambda: sgd_aware_arrays(cfg, cells, aware, theta0))
     out = {}
     for p in pieces:
         (mean, se), th, fl = sims[p], theory[p], theory[f"flow/{p}"]
@@ -572,8 +597,7 @@ def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0
                       "history": np.stack([trained[i].history for i in idx[p]]),
                       "history_flow": np.stack([flows[i].history for i in idx[p]]),
                       "sim_mean": mean, "sim_se": se, "theory": th, "theory_optimum": fl}
-            if p in ends:  # (S * P, T, N) exact curves of the paths; (S * P, K) their loss histories
-                out[p].update({"sgd_aware": theory[f"sgd/{p}"], "history_sgd_aware": np.stack([r.history for r in ends[p]])})
+            out[p].update(ends.get(p, {}))
             continue
         shape = (len(cfg.sweep_weights), cfg.sweep_seeds) + th.shape[1:]
         fr = stack([res.params for run, res in front if run.name.startswith(p + "[")])
@@ -720,9 +744,12 @@ def _refuse_other_config(out: Path, cfg: StudyConfig) -> None:
 
 
 def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
-    """'field: saved -> new' for every (nested) field that differs."""
+    """'field: saved -> new' for every (nested) field that differs; top-level study settings the
+    saved run predates (absent from its config.json) do not count."""
     out = []
     for k in new:
+        if k not in old and not prefix:  # a setting added since that run: pieces missing from it use it
+            continue
         a, b = old.get(k), new[k]
         if isinstance(a, dict) and isinstance(b, dict):
             out += _config_diff(a, b, f"{prefix}{k}.")
@@ -828,6 +855,10 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         log(f"evaluation and exact curves of {len(todo_ft)} pieces in {time.time() - t2:.0f} s")
         for p, arrays in pieces.items():
             save(p, arrays, t0)
+    old = [p for p in ft_names if cfg.sgd_paths and not p.startswith("sweep_") and p not in todo_ft
+           and "sgd_aware" not in store.load(p)]
+    if old:
+        backfill_sgd_aware(cfg, store, old, pre, ectx, theta0, devices)
     if not store.has("families"):
         t0 = time.time()
         save("families", run_families(cfg, pre["merged"], unpack("flow_", store.load("zs_all")),
