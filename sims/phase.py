@@ -22,7 +22,8 @@ One sample point has an anisotropic covariance, where the closed form (Sigma = I
 there the exact margin of the flow end point is the theory.
 
 Randomness: one root seed; keys fold_in(root, point)[, purpose, seed]. Results: DIR/phase.json
-(config, versions, grid classes, sample points with their margins) and DIR/phase.png.
+(config, versions, grid classes, sample points with their margins) and DIR/phase.png; the grid and
+each sample point are saved in DIR/pieces as soon as they are done, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -194,20 +195,34 @@ def simulate_point(cfg: PhaseConfig, i: int, p: Point) -> dict:
             "c_closed_form": c}
 
 
+def _piece(out: Path, name: str, cfg: PhaseConfig, make) -> dict:
+    """DIR/pieces/NAME.json if a run of the same config saved it, else make() (saved at once with
+    its wall time): a killed run resumes where it stopped."""
+    path = out / "pieces" / f"{name}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["config"] != cfg.to_json():
+            raise ValueError(f"{out} holds a phase run with another config; choose another --out or delete the folder")
+        return saved["value"]
+    t0 = time.time()
+    value = {**make(), "seconds": time.time() - t0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": cfg.to_json(), "value": value}))
+    print(f"[phase] {name}: {value['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return value
+
+
 def run(cfg: PhaseConfig, out: Path) -> dict:
-    """The grid and the sample points; writes DIR/phase.json (and returns it)."""
+    """The grid and the sample points, each saved as soon as it is done (resumable); writes
+    DIR/phase.json (and returns it)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    grid = grid_classes(cfg, grid_flows(cfg))
-    t_grid = time.time() - t0
-    print(f"[phase] theory grid: {len(cfg.ds)} d x {len(cfg.panels)} panels in {t_grid:.0f} s", file=sys.stderr, flush=True)
-    points = []
-    for i, p in enumerate(cfg.points):
-        t1 = time.time()
-        points.append({**simulate_point(cfg, i, Point(*p)), "seconds": time.time() - t1})
-        print(f"[phase] sample point {i}: {points[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+    grid = _piece(out, "grid", cfg, lambda: grid_classes(cfg, grid_flows(cfg)))
+    points = [_piece(out, f"point{i}", cfg, lambda i=i, p=p: simulate_point(cfg, i, Point(*p)))
+              for i, p in enumerate(cfg.points)]
+    seconds = {"grid": grid.pop("seconds"), "points": [p["seconds"] for p in points], "total": time.time() - t0}
     res = {"config": cfg.to_json(), "versions": versions(), "classes": list(CLASSES), "grid": grid, "points": points,
-           "seconds": {"grid": t_grid, "total": time.time() - t0}}
+           "seconds": seconds}
     (out / "phase.json").write_text(json.dumps(res))
     return res
 
@@ -284,11 +299,14 @@ def _edges(x) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    from linattn.cli import Parser
+    from linattn.cli import Parser, non_negative
 
     p = Parser(prog="python -m sims.phase", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=non_negative(int), default=0, help="root seed: every key is folded from it; default 0")
     p.add_argument("--out", required=True, help="run folder (phase.json, phase.png)")
-    p.add_argument("--quick", action="store_true", help="a small grid and short training (smoke test)")
+    p.add_argument("--quick", action="store_true", help="a small grid and short training (smoke test); default: the "
+                   f"full grid ({len(PhaseConfig().ds)} d x {len(PhaseConfig().panels)} panels, "
+                   f"{len(PhaseConfig().points)} sample points)")
     p.add_argument("--plot-only", action="store_true", help="redraw DIR/phase.png from DIR/phase.json")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -300,7 +318,7 @@ def main(argv=None) -> int:
             p.error(f"{args.out!r} has no phase.json (allowed: a folder written by python -m sims.phase)")
         print(plot(json.loads((out / "phase.json").read_text()), out))
         return 0
-    res = run(QUICK if args.quick else PhaseConfig(), out)
+    res = run(dataclasses.replace(QUICK if args.quick else PhaseConfig(), seed=args.seed), out)
     print(plot(res, out))
     return 0
 
