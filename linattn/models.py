@@ -39,10 +39,10 @@ LINEAR_SUBSETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _baseline_check(name):
+def _baseline_check(*names):
     def check(params, d=None):
-        if set(params) != {name}:
-            raise ValueError(f"{name} baseline tree has leaves {sorted(params)}; expected [{name!r}]")
+        if set(params) != set(names):
+            raise ValueError(f"baseline tree has leaves {sorted(params)}; expected {sorted(names)}")
     return check
 
 
@@ -60,6 +60,8 @@ register_model(Model("softmax", lambda p: "embed" in p, softmax.check_params, la
                      lambda p: False, softmax.predict, softmax.SUBSETS, "embed", 2))
 register_model(Model("ridge", lambda p: "ridge" in p, _baseline_check("ridge"), lambda p: None, lambda p: False,
                      baselines.predict_ridge, {}, "ridge", 0))
+register_model(Model("bayes_sphere", lambda p: "sphere_draws" in p, _baseline_check("sphere_noise", "sphere_draws"),
+                     lambda p: None, lambda p: False, baselines.predict_bayes_sphere, {}, "sphere_noise", 0))
 register_model(Model("zero", lambda p: "zero" in p, _baseline_check("zero"), lambda p: None, lambda p: False,
                      baselines.predict_zero, {}, "zero", 0))
 LINEAR = Model("linear", lambda p: True, check_linear, lambda p: int(np.shape(p["V"])[-1]) - 2,

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from sims.plot import TASK_TITLES, style  # noqa: E402
 
-BASELINE_STYLES = {"least squares": ":", "zero": "-."}  # ridge: "--"
+BASELINE_STYLES = {"least squares": ":", "zero": "-.", "Bayes (sphere prior)": "-"}  # ridge: "--"
 
 
 def plot(run_dir, out=None) -> Path:

@@ -17,7 +17,8 @@ theta0 and fine-tuning dataset as sims.forgetting at the same root seed:
   C. the linear theory: gradient flow of the linear runs (theory.solver.flow_plan) and the exact
      risk of every linear model (theory.risk.task_curves);
   then Monte Carlo test curves of every model on theta0, -theta0 and random tasks, and of the
-  baselines (linattn.baselines: least squares, ridge at lambda = d sigma^2, zero) on the same prompts.
+  baselines (linattn.baselines: least squares, ridge at lambda = d sigma^2, the Bayes-optimal
+  predictor for unit-sphere tasks, zero) on the same prompts (a piece of their own).
 Each stage's trained runs are kept (sims.forgetting.planned) and the curves saved as a piece, so a
 rerun on the same folder resumes. The pretrained and fine-tuned softmax parameters are written as
 msgpack checkpoints (DIR/checkpoints/, linattn.softmax.save_params). Randomness: one root seed;
@@ -165,11 +166,15 @@ def softmax_curves(cfg, trees: dict, theta0) -> dict:
     return {n: (mean[i], se[i]) for i, n in enumerate(names)}
 
 
+BAYES_DRAWS = 1024  # importance-sampling draws of the unit-sphere Bayes predictor
+
+
 def baseline_curves(cfg, theta0) -> dict:
     """{name: (mean, se)} (T, len(shots)) of the baselines on seed 0's test prompts."""
     out = {}
-    for name, tree in (("least squares", B.ridge(0.0)), (f"ridge (lambda = d sigma^2)", B.ridge(cfg.d * cfg.noise)),
-                       ("zero", B.zero())):
+    bayes = B.bayes_sphere(key_for(cfg, "eval", SOFTMAX_TAG), cfg.d, cfg.noise, BAYES_DRAWS)
+    for name, tree in (("least squares", B.ridge(0.0)), ("ridge (lambda = d sigma^2)", B.ridge(cfg.d * cfg.noise)),
+                       ("Bayes (sphere prior)", bayes), ("zero", B.zero())):
         curves = test_errors(key_for(cfg, "eval", 0), tree, cfg.shots, jnp.asarray(theta0, jnp.float32),
                              noise=cfg.noise, samples=cfg.eval_samples, chunk=cfg.eval_chunk)
         out[name] = (np.stack([curves[t].mean for t in TASKS]), np.stack([curves[t].se for t in TASKS]))
@@ -230,14 +235,21 @@ def run_study(cfg: SoftmaxStudyConfig, out, *, figures: bool = True) -> dict:
     (out / "config.json").write_text(json.dumps(record, indent=1))
     store = Store(out)
     theta0 = theta0_of(cfg)
-    seconds = {}
+    # seconds each stage took when it ran (a resumed stage keeps the time of the run that trained it)
+    seconds = {k: float(v) for k, v in store.load("seconds").items()} if store.has("seconds") else {}
+
+    def timed(stage: str, t0: float) -> None:
+        if stage not in seconds:
+            seconds[stage] = time.time() - t0
+            store.save("seconds", seconds)
+        log(f"{stage}: {seconds[stage]:.0f} s")
+
     t0 = time.time()
     runs_a = pretrain_runs(cfg)
     log(f"stage A: pretraining {len(runs_a)} runs")
     res_a = planned(store, "A", runs_a, lambda r: T.train_plan(r, chunk=100, on_progress=progress("stage A")))
-    seconds["pretrain"] = time.time() - t0
+    timed("pretrain", t0)
     pre = by_name(runs_a, res_a)
-    log(f"stage A: {seconds['pretrain']:.0f} s")
 
     t1 = time.time()
     ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=finetune_data(cfg, theta0))
@@ -246,14 +258,13 @@ def run_study(cfg: SoftmaxStudyConfig, out, *, figures: bool = True) -> dict:
               for model in MODELS for method in METHODS for s in range(cfg.seeds)]
     log(f"stage B: fine-tuning {len(runs_b)} runs")
     res_b = planned(store, "B", runs_b, lambda r: T.train_plan(r, chunk=100, on_progress=progress("stage B")))
-    seconds["finetune"] = time.time() - t1
-    log(f"stage B: {seconds['finetune']:.0f} s")
+    timed("finetune", t1)
     t2 = time.time()
     runs_c = [dataclasses.replace(r, key=None, ctx=ectx) for r in runs_b if r.name.startswith("linear/")]
     from theory.solver import flow_plan
 
     res_c = planned(store, "C", runs_c, flow_plan)
-    seconds["flow"] = time.time() - t2
+    timed("flow", t2)
     trained = {**pre, **by_name(runs_b, res_b)}
     flows = by_name(runs_c, res_c)
     ckpt = out / "checkpoints"
@@ -270,7 +281,6 @@ def run_study(cfg: SoftmaxStudyConfig, out, *, figures: bool = True) -> dict:
         lin = evaluate_models(cfg, strip("linear/"), theta0)
         flow = {f"flow/{k.split('/')[1]}": v for k, v in flows.items()}
         th = theory_models(cfg, {**strip("linear/"), **flow}, theta0)
-        base = baseline_curves(cfg, theta0)
         arrays = {}
         for k, (mu, sd) in sm.items():
             arrays.update({f"softmax/{k}/sim_mean": mu, f"softmax/{k}/sim_se": sd})
@@ -278,12 +288,20 @@ def run_study(cfg: SoftmaxStudyConfig, out, *, figures: bool = True) -> dict:
             arrays.update({f"linear/{k}/sim_mean": mu, f"linear/{k}/sim_se": sd, f"linear/{k}/theory": th[k]})
             if f"flow/{k}" in th:
                 arrays[f"linear/{k}/flow"] = th[f"flow/{k}"]
-        for k, (mu, sd) in base.items():
-            arrays.update({f"baseline/{k}/sim_mean": mu, f"baseline/{k}/sim_se": sd})
         arrays["seconds"] = np.asarray(time.time() - t3)
         store.save("curves", arrays)
+    if not store.has("baselines"):
+        t4 = time.time()
+        arrays = {}
+        for k, (mu, sd) in baseline_curves(cfg, theta0).items():
+            arrays.update({f"baseline/{k}/sim_mean": mu, f"baseline/{k}/sim_se": sd})
+        arrays["seconds"] = np.asarray(time.time() - t4)
+        store.save("baselines", arrays)
     z = store.load("curves")
     seconds["evaluate"] = float(z["seconds"])
+    base = store.load("baselines")
+    seconds["baselines"] = float(base["seconds"])
+    z = {**{k: v for k, v in z.items() if not k.startswith("baseline/")}, **base}
     results = assemble(cfg, z, theta0, trained, seconds)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if figures:

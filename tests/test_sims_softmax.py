@@ -32,7 +32,7 @@ def test_results_hold_every_model_method_and_baseline(run):
                                                "zsfs_v_unseen"}
     assert "theory_gradient_flow" in res["curves"]["linear/zs_all"]["theta0"]
     assert {k for k in res["curves"] if k.startswith("baseline/")} == {
-        "baseline/least squares", "baseline/ridge (lambda = d sigma^2)", "baseline/zero"}
+        "baseline/least squares", "baseline/ridge (lambda = d sigma^2)", "baseline/Bayes (sphere prior)", "baseline/zero"}
     assert (run / "softmax_vs_linear.png").is_file()
     assert json.loads((run / "config.json").read_text())["versions"]["flax"]
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from linattn import baselines as B, evaluate as E, models, optim, softmax as S, train as T
+from linattn.data import SAMPLERS
 from linattn.objectives import ObjectiveConfig
 from linattn.optim import OptimizerConfig
 
@@ -91,6 +92,8 @@ def test_bad_trees_and_settings_raise():
         S.init_params(jax.random.PRNGKey(0), D, heads=4, width=10)
     with pytest.raises(ValueError, match="ridge lambda must be a finite number >= 0; got -1"):
         B.ridge(-1.0)
+    with pytest.raises(ValueError, match="noise variance > 0; got 0"):
+        B.bayes_sphere(jax.random.PRNGKey(0), D, 0.0)
 
 
 def test_ridge_baseline_is_ridge_regression():
@@ -101,6 +104,26 @@ def test_ridge_baseline_is_ridge_regression():
         got = np.asarray(B.predict_ridge(B.ridge(lam), Z), np.float64)
         eps = float(jnp.finfo(jnp.float32).eps)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e3 * eps * np.max(np.abs(want)))
+
+
+def test_sphere_bayes_predictor_is_the_posterior_mean():
+    """d = 2: the importance-sampling posterior mean against the posterior mean on a fine grid of the
+    circle, within 4 of its own importance-sampling standard errors."""
+    d = 2
+    th = jnp.array([[0.6, 0.8], [-1.0, 0.0], [0.0, 1.0]])
+    for n in (3, 20):
+        Z, _ = SAMPLERS["tokens"](jax.random.PRNGKey(n), n, 3, d, th, 0.1, None, jnp.float32)
+        theta, ess, se = B.bayes_sphere_stats(B.bayes_sphere(jax.random.PRNGKey(1), d, 0.1, 1024), Z)
+        ang = np.linspace(0, 2 * np.pi, 100_000, endpoint=False)
+        U = np.stack([np.cos(ang), np.sin(ang)], 1)
+        Zn = np.asarray(Z, np.float64)
+        for i in range(3):
+            X, y = Zn[i, :-1, 1:-1], Zn[i, :-1, -1]
+            logp = (2 * U @ (X.T @ y) - np.einsum("ki,ij,kj->k", U, X.T @ X, U)) / (2 * 0.1)
+            w = np.exp(logp - logp.max())
+            exact = (w / w.sum()) @ U
+            assert np.all(np.abs(np.asarray(theta[i]) - exact) <= 4 * np.asarray(se[i])), (n, i, theta[i], exact)
+            assert float(ess[i]) > 100
 
 
 def test_short_pretraining_beats_the_zero_predictor_by_4_se():
