@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,8 +44,8 @@ from linattn.objectives import ObjectiveConfig
 from linattn.optim import OptimizerConfig
 from linattn.params import init_params as init_linear
 from linattn.records import versions
-from sims.forgetting import (METHOD_BY_NAME, TASKS, Store, evaluate_models, finetune_data, key_for, log, pack, planned,
-                             stack, theory_models, theta0_of, unpack)
+from sims.forgetting import (METHOD_BY_NAME, TASKS, Store, evaluate_models, finetune_data, key_for, log, planned, stack,
+                             theory_models, theta0_of)
 
 METHODS = ("zs_all", "zsfs_all", "zs_kq", "zsfs_kq", "zs_v", "zsfs_v")  # sims.forgetting names
 MODELS = ("linear", "softmax")
