@@ -275,3 +275,30 @@ def test_findings_on_the_committed_full_run_simulation():
     assert a[n_ft] + 2 * sa[n_ft] < b[n_ft] - 2 * sb[n_ft] or a[n_ft] < b[n_ft]  # ordering (margin reported in README)
     (a, sa), (b, sb) = c("zsfs_v", "minus_theta0"), c("zs_v", "minus_theta0")
     assert a[n_ft] > b[n_ft]
+
+
+def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_run, tmp_path):
+    """A copy of the tiny run whose pieces and config.json lack the SGD-aware prediction (as run
+    folders made before it): a rerun adds it to every method piece, training nothing, with the
+    numbers of the run that computed it directly (to float64 rounding: the two group their
+    programs differently, which reorders sums)."""
+    import shutil
+
+    out, _, _, _ = tiny_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    cfg_file = old / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    del saved["config"]["sgd_paths"]
+    cfg_file.write_text(json.dumps(saved))
+    store = S.Store(old)
+    methods = [p.stem for p in (old / "pieces").glob("[!.]*.npz") if "sgd_aware" in store.load(p.stem)]
+    assert methods
+    for m in methods:
+        store.save(m, {k: v for k, v in store.load(m).items() if k not in ("sgd_aware", "history_sgd_aware")})
+    S.run_study(TINY, old, figures=False)
+    for m in methods:
+        a, b = S.Store(out).load(m), store.load(m)
+        np.testing.assert_allclose(b["sgd_aware"], a["sgd_aware"], rtol=1e-9)
+        np.testing.assert_allclose(b["history_sgd_aware"], a["history_sgd_aware"], rtol=1e-9)
+        np.testing.assert_array_equal(a["p_V"], b["p_V"])
