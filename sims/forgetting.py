@@ -78,7 +78,7 @@ class StudyConfig:
     d_seeds: int = 3  # seeds at those dimensions
     methods: tuple = ()  # fine-tuning methods to run (names in METHODS); () for all
     early_stops: tuple = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # fractions of ft_steps where iterates are kept
-    sgd_paths: int = 4  # SGD-aware prediction (theory.sgd): noise paths per method and seed; 0: none
+    sgd_paths: int = 2  # SGD-aware prediction (theory.sgd): noise paths per method and seed; 0: none
 
     @property
     def d(self) -> int:
