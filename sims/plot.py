@@ -422,6 +422,7 @@ def _label_sparsely(ax, labels, min_dist=0.05) -> None:
             ax.annotate(text, (x, y), fontsize=6.5, color=color, xytext=(3, 3), textcoords="offset points")
 
 
+FRONTIER_YMAX = 5.0  # fig8's y range ends here; methods above it are counted in a note
 KNOBS = {"zsfs": "w", "zs_replay": "w", "zs_l2": "λ", "ewc": "λ"}  # a swept objective's knob, as labelled
 TRACED = {"wise": ("alphas", "α", "WiSE-FT (all)"), "early": ("steps", "t", "early stopping of ZS (all)")}  # kind: field, knob
 
@@ -499,7 +500,13 @@ def fig_frontier(res, arr, out):
         ax.plot(*np.asarray(th_env).T, color="gray", lw=7, alpha=0.25, zorder=0, solid_capstyle="round")
         envelope = {"theory": {th_pts[i][1] for i in pareto([p for p, _ in th_pts])},
                     "simulation": {sim_pts[i][1] for i in pareto([p for p, _ in sim_pts])}}
-        _label_sparsely(ax, labels, min_dist=0.06)
+        far = [(n, p[1]) for p, n in sim_pts if p[1] > FRONTIER_YMAX]  # catastrophic methods (KQ, K, Q only)
+        if far:
+            ax.set_ylim(top=FRONTIER_YMAX)
+            ax.text(0.98, 0.98, f"off the chart: {len(far)} methods with error {min(y for _, y in far):.0f}..."
+                    f"{max(y for _, y in far):.0f} (KQ/K/Q only)", transform=ax.transAxes, ha="right", va="top",
+                    fontsize=7, color="gray")
+        _label_sparsely(ax, [lab for lab in labels if lab[1] <= FRONTIER_YMAX], min_dist=0.06)
         ax.set(xlabel=r"zero-shot error on the fine-tuned task $\theta_0$", ylabel=ylab,
                title=f"lower-left envelope: theory {len(envelope['theory'])}, simulation {len(envelope['simulation'])} methods",)
         ax.title.set_fontsize(8.5)
