@@ -346,18 +346,25 @@ def test_wise_ft_rejects_bad_input():
 
 WISE_STEPS, WISE_BATCH, WISE_SEEDS = 300, 1000, 8
 WISE_ALPHAS = (0.25, 0.6)
+EARLY_STEPS = (15, 60)  # iterates kept along the way (early stopping)
+
+
+def _wise_ft(subset: str):
+    """ZS fine-tuning of `subset` from the pretrained form: SGD end points (seeds) and the gradient flow."""
+    return _zs_runs(subset)[:3]
 
 
 @functools.lru_cache(maxsize=None)
-def _wise_ft(subset: str):
-    """ZS fine-tuning of `subset` from the pretrained form: SGD end points (seeds) and the gradient flow."""
+def _zs_runs(subset: str):
+    """_wise_ft's end points, then SGD's and the flow's iterates at EARLY_STEPS (TrainConfig.snapshots,
+    leaves (S, K, ...) and (K, ...))."""
     start = _start()
-    cfg = T.TrainConfig(steps=WISE_STEPS, batch=WISE_BATCH, d=D, noise=NOISE, history=3)
+    cfg = T.TrainConfig(steps=WISE_STEPS, batch=WISE_BATCH, d=D, noise=NOISE, history=3, snapshots=EARLY_STEPS)
     runs = [T.Run(jax.random.PRNGKey(200 + s), start, _ctx(), "zs", subset, LR, ObjectiveConfig(), cfg)
             for s in range(WISE_SEEDS)]
-    sgd = _stack([r.params for r in T.train_plan(runs)])
-    flow = flow_plan([T.Run(None, start, _ctx(), "zs", subset, LR, ObjectiveConfig(), cfg)])[0].params
-    return start, sgd, flow
+    res = T.train_plan(runs)
+    flow = flow_plan([T.Run(None, start, _ctx(), "zs", subset, LR, ObjectiveConfig(), cfg)])[0]
+    return start, _stack([r.params for r in res]), flow.params, _stack([r.snapshots for r in res]), flow.snapshots
 
 
 def _segment(start, sgd, a):
@@ -429,3 +436,24 @@ def test_ewc_runs_in_the_study(tmp_path):
     for task in TASK_NAMES:
         assert np.all(np.isfinite(curves[task]["theory_optimum"])) and np.all(np.isfinite(curves[task]["sim_mean"]))
     assert list(res["sweeps"]["ewc_all"]["frontier_weights"]) == [0.1, 10.0]
+
+
+# ================================================================ early stopping
+@pytest.mark.parametrize("k", [
+    0,
+    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason="finite-batch SGD at batch 1000: by step 60 its zero-shot "
+                                            "error on theta0 sits 0.018 (5.1 SE) above the flow's (0.319 vs 0.301), the "
+                                            "SGD-vs-flow gap of SPEC section 7 / issue #13; at the reference batch 5000 the "
+                                            "study's early stopping agrees within 4 SE up to t = 100 (README)")),
+])
+def test_early_stopping_flow_trajectory_predicts_sgd_iterates(k):
+    """Early stopping of full ZS fine-tuning: the SGD iterates after EARLY_STEPS[k] steps (the engine's
+    snapshots) against the gradient flow's own iterates at that step (the prediction), every task and
+    shot within 4 SE (_paired_curve_z). Step 15 agrees (largest |z| 3.9); by step 60 the finite-batch
+    gap shows on theta0 (xfail)."""
+    _, _, _, snaps, flow_snaps = _zs_runs("all")
+    trees = {n: v[:, k] for n, v in snaps.items()}
+    pred = _stack([{n: v[k] for n, v in flow_snaps.items()}] * WISE_SEEDS)
+    z = _paired_curve_z(trees, pred, 90 + k, f"early stopping at step {EARLY_STEPS[k]}: SGD iterates vs flow iterates")
+    for name, zz in z.items():
+        assert np.all(np.abs(zz) <= 4), (EARLY_STEPS[k], name, zz)
