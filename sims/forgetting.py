@@ -556,7 +556,9 @@ def backfill_sgd_aware(cfg, store, pieces: list[str], pre, ectx, theta0, devices
     t0 = time.time()
     d_runs = sgd_aware_runs(cfg, cells, pre, ectx)
     log(f"stage D for {len(pieces)} earlier pieces ({', '.join(pieces)}): {len(d_runs)} SGD-aware prediction paths")
-    aware = planned(store, "D_backfill", d_runs, lambda r: T.train_plan(r, source="diffusion", devices=devices))
+    progress = Progress(_work(d_runs))
+    aware = planned(store, "D_backfill", d_runs, lambda r: T.train_plan(
+        r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r))))
     flows = flow_plan([finetune_run(cfg, c, pre, ectx, key=False) for c in cells], devices=devices)
     arrays = sgd_aware_arrays(cfg, cells, aware, theta0)
     for p in pieces:
