@@ -43,7 +43,7 @@ from linattn import data as D
 from linattn import train as T
 from linattn.evaluate import seed_stats, test_errors
 from linattn.objectives import ObjectiveConfig
-from linattn.params import gamma_w, init_params
+from linattn.params import family_member, gamma_w, init_params
 from linattn.records import versions
 from theory.conditions import degradation_margin
 from theory.optimal import pretrain_c, pretrain_optimum
@@ -80,11 +80,6 @@ QUICK = PhaseConfig(ds=(2, 5, 10, 20), shots=(1, 5, 20, 40), ft_steps=200, pre_s
                     sample_shots=(1, 5, 20))
 
 
-def kappa_of(params) -> np.ndarray:
-    """kappa = KQ[0,0] * w of merged one-layer trees (any leading axes): the member of the ZS family."""
-    return np.asarray(params["KQ"])[..., 0, 0, 0, 0] * np.asarray(params["V"])[..., 0, 0, -1, -1]
-
-
 def theta0_for(cfg: PhaseConfig, d: int) -> np.ndarray:
     """The fine-tuning task at dimension d: one unit-sphere draw from fold_in(root, d)."""
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), d)
@@ -119,7 +114,7 @@ def grid_classes(cfg: PhaseConfig, flows: dict) -> dict:
         cls, kap, fails, zs_excess = [], [], [], []
         for d in cfg.ds:
             c = pretrain_c(d, m, noise)
-            kappa = float(kappa_of(flows[(d, m, noise)]))
+            kappa = float(family_member(flows[(d, m, noise)]))
             every = degradation_margin(n, c, d, 1.0 / (1.0 + noise), noise) > 0  # the member-free bound
             at_flow = degradation_margin(n, c, d, kappa, noise)
             cls.append(np.where(every, 0, np.where(at_flow > 0, 1, 2)))
@@ -182,8 +177,8 @@ def simulate_point(cfg: PhaseConfig, i: int, p: Point) -> dict:
             exact_flow.append(np.asarray(risk(flow[s].params, n, -theta0, noise, sigma)) - r_pre)
     mean, tot_se, mc, th_mean, _ = seed_stats(np.asarray(sim), np.asarray(se), np.asarray(exact))
     g, w = gamma_w({key: np.stack([r.params[key] for r in pre]) for key in ("KQ", "V")})
-    k_flow = kappa_of({key: np.stack([r.params[key] for r in flow]) for key in ("KQ", "V")})
-    k_sgd = kappa_of({key: np.stack([r.params[key] for r in sgd]) for key in ("KQ", "V")})
+    k_flow = family_member({key: np.stack([r.params[key] for r in flow]) for key in ("KQ", "V")})
+    k_sgd = family_member({key: np.stack([r.params[key] for r in sgd]) for key in ("KQ", "V")})
     c = pretrain_c(d, m, noise)
     return {"d": d, "m": m, "noise": noise, "eig": None if p.eig is None else list(p.eig), "shots": n.tolist(),
             "sim_margin": mean.tolist(), "sim_margin_se": tot_se.tolist(), "sim_margin_se_mc": mc.tolist(),
