@@ -356,14 +356,14 @@ def fig_loss_predictions(res, arr, out):
             _band(ax, x, a.mean(0), a.std(0, ddof=1) / np.sqrt(a.shape[0]), "SGD-aware prediction (± 2 SE)")
         ax.axhline(cfg["train"]["noise"], color="gray", lw=0.6, ls=":")
         ax.set_yscale("log")
-        ax.set_title(label(name, res), fontsize=8)
+        model = "merged KQ" if res["methods"][name]["model"] == "merged" else "separate K, Q"
+        ax.set_title(f"{label(name, res)}, {model}", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.set_xlabel("step", fontsize=7)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     if names:
         axes[0, 0].legend(fontsize=6.5)
-    for ax in axes[-1]:
-        ax.set_xlabel("step", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("objective", fontsize=8)
     fig.suptitle("Fine-tuning objective: simulation against the gradient flow and the SGD-aware prediction "
