@@ -113,7 +113,9 @@ def draw(points: list[dict], path: Path) -> None:
             ax.minorticks_off()
             ax.set_ylabel(label)
             if i == 0:
-                ax.set_title(m)
+                meth = S.METHOD_BY_NAME.get(m)
+                ax.set_title(m if meth is None else f"{meth.label}, {'merged KQ' if meth.model == 'merged' else 'separate K, Q'}",
+                             fontsize=10)
             if i == 1:
                 ax.set_xlabel("batch size")
     axes[0, 0].legend(fontsize=8, loc="best")
