@@ -43,7 +43,7 @@ from linattn.objectives import ObjectiveConfig
 from linattn.params import gamma_w, init_params, interpolate, params_to_json, to_merged
 from linattn.records import versions
 from theory.risk import task_curves
-from theory.sgd import path_runs
+from theory.sgd import path_runs, path_stats
 from theory.solver import flow_plan
 
 TASKS = tuple(TEST_TASKS)
@@ -923,10 +923,10 @@ def curves_json(cfg, piece: dict, with_opt=True, tasks=TASKS) -> dict:
                      "theory": th[t].tolist(), "theory_optimum": None if opt is None else opt[t].tolist(),
                      "sim_se_mc": mc[t].tolist(), "theory_se_seeds": th_se[t].tolist()}
         if aware is not None and with_opt:
-            sd = aware[:, t].std(axis=0, ddof=1)
-            out[name].update({"theory_sgd": aware[:, t].mean(0).tolist(), "theory_sgd_sd": sd.tolist(),
-                              "theory_sgd_se": (sd / np.sqrt(len(aware))).tolist(),
-                              "sim_sd": (np.asarray(piece["theory"])[:, t].std(axis=0, ddof=1)).tolist()})
+            pred = path_stats(aware[:, t])
+            out[name].update({"theory_sgd": pred.mean.tolist(), "theory_sgd_sd": pred.sd.tolist(),
+                              "theory_sgd_se": pred.se.tolist(),
+                              "sim_sd": path_stats(np.asarray(piece["theory"])[:, t]).sd.tolist()})
     return out
 
 

@@ -29,14 +29,13 @@ from linattn.params import family_member
 from linattn.records import versions
 from sims import forgetting as S
 from theory.risk import task_curves
-from theory.sgd import PROBE, sgd_plan
+from theory.sgd import PROBE, path_stats, sgd_plan
 
 
 def _stats(x: np.ndarray) -> dict:
-    """Mean, its SE and the sd over the leading axis."""
-    x = np.asarray(x, np.float64)
-    sd = x.std(axis=0, ddof=1)
-    return {"mean": x.mean(0).tolist(), "se": (sd / np.sqrt(len(x))).tolist(), "sd": sd.tolist()}
+    """Mean, its SE and the sd over the leading axis (theory.sgd.path_stats), as JSON lists."""
+    s = path_stats(x)
+    return {"mean": s.mean.tolist(), "se": s.se.tolist(), "sd": s.sd.tolist()}
 
 
 def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dataset: bool) -> dict:

@@ -106,12 +106,16 @@ class CurveStats(NamedTuple):
     se: np.ndarray
 
 
+def path_stats(x) -> CurveStats:
+    """Mean, sd (ddof 1; 0 for one sample) and the mean's SE over the leading axis (paths, or
+    seeds x paths flattened)."""
+    x = np.asarray(x, np.float64)
+    sd = x.std(axis=0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1:])
+    return CurveStats(x.mean(axis=0), sd, sd / math.sqrt(len(x)))
+
+
 def end_point_curves(stacked: dict, theta0, shots, noise: float, normalization: str = "tokens",
                      tasks=None) -> CurveStats:
-    """Mean, seed-to-seed sd and its SE of the exact test error of stacked end points (leading
-    axis: paths, or seeds x paths flattened) on the test tasks."""
+    """path_stats of the exact test error of stacked end points on the test tasks: arrays (T, N)."""
     kw = {} if tasks is None else {"tasks": tasks}
-    c = task_curves(stacked, theta0, shots, noise, normalization, **kw)  # (P, T, N)
-    P = c.shape[0]
-    sd = c.std(axis=0, ddof=1) if P > 1 else np.zeros(c.shape[1:])
-    return CurveStats(c.mean(axis=0), sd, sd / math.sqrt(P))
+    return path_stats(task_curves(stacked, theta0, shots, noise, normalization, **kw))
