@@ -27,7 +27,7 @@ import numpy as np
 from linattn import data as D
 from linattn.minibatch import resolve_sampler
 from linattn.model import predict_many_from_stats, predict_prefixes
-from linattn.models import dtype_of, is_stacked, model_of
+from linattn.models import dtype_of, effective_tree, is_stacked, model_of
 from linattn.objectives import task_spec
 
 # the three test tasks of the study (SPEC section 6): name -> task source
@@ -113,7 +113,9 @@ def test_errors(key, params: Mapping, shots: Sequence[int], theta0, **kwargs) ->
 
 
 def _curves(keys, params, shots, tasks, *, noise, samples, chunk, cov_factor, normalization, sampler) -> list[Curve]:
-    """Curves of every task in `tasks` (strings or fixed vectors), each with its key, one program."""
+    """Curves of every task in `tasks` (strings or fixed vectors), each with its key, one program.
+    Reparametrised trees (LoRA) are evaluated as their linear tree (linattn.models.effective_tree)."""
+    params = effective_tree(params)
     many = is_stacked(params)
     if not many:
         params = jax.tree.map(lambda a: jnp.asarray(a)[None], dict(params))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from linattn import data as D
 from linattn.model import outer_sum, predict_many_from_stats
-from linattn.models import dtype_of, model_of
+from linattn.models import dtype_of, effective_tree, model_of
 from linattn.objectives import TASK_SOURCES, task_spec
 
 
@@ -82,7 +82,9 @@ def monte_carlo(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> 
 
 def prompt_errors(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> dict:
     """The squared error of every prompt of every requested term (arguments as monte_carlo):
-    {(method, shots, task source): (B,)}."""
+    {(method, shots, task source): (B,)}. Reparametrised trees (LoRA) are read through their
+    linear tree (linattn.models.effective_tree), differentiably."""
+    params = [effective_tree(p) for p in params]
     one_layer = all(model_of(p).one_layer(p) for p in params)
     dtype = dtype_of(params[0])
     out = {}

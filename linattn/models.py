@@ -3,8 +3,14 @@
 The engine (linattn.train, linattn.step, linattn.minibatch), evaluation (linattn.evaluate) and
 freezing (linattn.optim) ask `model_of(params)` instead of assuming the linear tree: the tree's
 leaf names say which model it is. Registered: "linear" (linattn.model, SPEC section 2; the default
-that reports malformed trees), "softmax" (linattn.softmax), and the baselines "ridge" and "zero"
-(linattn.baselines). `register_model` adds one.
+that reports malformed trees), "lora" (linattn.lora: low-rank updates of the merged linear model, a
+reparametrisation with `effective` = its map to the linear tree), "softmax" (linattn.softmax), and
+the baselines "ridge" and "zero" (linattn.baselines). `register_model` adds one.
+
+A model with `effective` (a map to the linear tree {"KQ", "V"}, any leading axes) is the linear
+model in other coordinates: the risk sources (linattn.minibatch, theory.risk, theory.sgd) and
+evaluation read it through `effective_tree`, so it trains with every source, "exact" and
+"diffusion" included, and JAX differentiates through the map.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from linattn import baselines, model as linear, softmax
+from linattn import baselines, lora, model as linear, softmax
 from linattn.params import check_params as check_linear
 
 
@@ -28,6 +34,7 @@ class Model(NamedTuple):
     subsets: Mapping[str, tuple]  # trainable subset name -> leaf names (linattn.optim)
     ref_leaf: str  # a leaf whose number of axes tells a single tree from a stack of trees
     ref_ndim: int  # its number of axes in a single tree
+    effective: Optional[Callable[[Mapping], Mapping]] = None  # the linear tree it computes (reparametrisations)
 
 
 LINEAR_SUBSETS: dict[str, tuple[str, ...]] = {
@@ -58,6 +65,8 @@ def register_model(m: Model) -> Model:
 
 register_model(Model("softmax", lambda p: "embed" in p, softmax.check_params, lambda p: softmax.dims(p)["d"],
                      lambda p: False, softmax.predict, softmax.SUBSETS, "embed", 2))
+register_model(Model("lora", lora.is_lora, lora.check_lora, lambda p: int(np.shape(p["KQ0"])[-1]) - 2,
+                     lambda p: np.shape(p["KQ0"])[-4] == 1, lora.predict, lora.SUBSETS, "KQ0", 4, lora.effective))
 register_model(Model("ridge", lambda p: "ridge" in p, _baseline_check("ridge"), lambda p: None, lambda p: False,
                      baselines.predict_ridge, {}, "ridge", 0))
 register_model(Model("bayes_sphere", lambda p: "sphere_draws" in p, _baseline_check("sphere_noise", "sphere_draws"),
@@ -74,6 +83,13 @@ def model_of(params: Mapping) -> Model:
         if m.owns(params):
             return m
     return LINEAR
+
+
+def effective_tree(params: Mapping) -> Mapping:
+    """The linear tree a reparametrised tree computes (its model's `effective`, any leading axes);
+    every other tree as it is."""
+    m = model_of(params)
+    return params if m.effective is None else m.effective(params)
 
 
 def is_stacked(params: Mapping) -> bool:

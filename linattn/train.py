@@ -182,9 +182,10 @@ def _check_run(i: int, run: Run, source: str) -> None:
         raise TypeError(f"{what}: cfg must be a TrainConfig; got {type(run.cfg).__name__}")
     get_objective(run.objective)
     model = model_of(run.params0)
-    if source != "mc" and model.name != "linear":
-        raise ValueError(f"{what}: source {source!r} is the theory of the linear model; a {model.name} parameter "
-                         "tree trains with source 'mc' only")
+    if source != "mc" and model.name != "linear" and model.effective is None:
+        raise ValueError(f"{what}: source {source!r} is the theory of the linear model and its reparametrisations "
+                         f"(linattn.models: Model.effective, e.g. LoRA); a {model.name} parameter tree trains with "
+                         "source 'mc' only")
     model.check(run.params0, run.cfg.d)
     param_labels(run.params0, run.subset)
     lr = np.asarray(run.lr, np.float64)

@@ -36,6 +36,7 @@ from linattn.cli import Parser, non_negative, number_list
 from linattn.data import check_shots
 from linattn.evaluate import TEST_TASKS
 from linattn.model import check_normalization, norm_factor
+from linattn.models import effective_tree
 from linattn.objectives import ObjectiveConfig, check_task_source, evaluate_objective, task_spec
 from linattn.params import check_params, effective_kq, load_params, value_row
 from theory.cubature import smolyak_gauss, sphere_degree5
@@ -98,13 +99,14 @@ def risk_terms(params: Mapping, task: Task = "sphere", noise=0.1, sigma=None) ->
     """The expectations E[A^2], E[AB], E[B^2], E[At], E[Bt], E[t^2], E[V] (module docstring).
 
     Args:
-      params: one-layer parameter tree (merged or separate, any heads).
+      params: one-layer parameter tree (merged or separate, any heads), or a reparametrisation of
+        one (linattn.models.effective_tree: LoRA), differentiable through it.
       task: "sphere", "gaussian" or a fixed task vector theta (d,).
       noise: label-noise variance sigma^2 (SPEC section 1: y = theta.x + eps, eps ~ N(0, sigma^2)).
       sigma: covariate covariance Sigma (d, d); None for the identity.
     """
     with jax.enable_x64(True):
-        kq, v = _one_layer(params)
+        kq, v = _one_layer(effective_tree(params))
         H, D, _ = kq.shape
         d = D - 2
         sig = _sigma(sigma, d)
@@ -238,8 +240,8 @@ _CURVES: dict = {}
 
 def task_curves(params: Mapping, theta0, shots, noise=0.1, normalization: str = "tokens",
                 tasks: Sequence[str] = tuple(TEST_TASKS)) -> np.ndarray:
-    """Exact risk of R stacked one-layer trees on test tasks (linattn.evaluate.TEST_TASKS names):
-    float64 array (R, len(tasks), len(shots)).
+    """Exact risk of R stacked one-layer trees (or reparametrisations: linattn.models.effective_tree)
+    on test tasks (linattn.evaluate.TEST_TASKS names): float64 array (R, len(tasks), len(shots)).
 
     One compiled program per (noise, d, R rounded up to a power of two) computes the risk terms of
     all three test tasks; the requested ones are returned.
@@ -250,7 +252,7 @@ def task_curves(params: Mapping, theta0, shots, noise=0.1, normalization: str = 
     if unknown:
         raise ValueError(f"test tasks {unknown} unknown; allowed: {list(TEST_TASKS)}")
     with jax.enable_x64(True):
-        p = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in params.items()}
+        p = effective_tree({k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in params.items()})
         R, d = p["V"].shape[0], p["V"].shape[-1] - 2
         size = 1 << max(R - 1, 0).bit_length()
         p = {k: jnp.concatenate([v, jnp.repeat(v[:1], size - R, axis=0)]) for k, v in p.items()}

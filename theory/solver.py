@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from linattn.models import model_of
 from linattn.objectives import ObjectiveConfig, get_objective
 from linattn.optim import OptimizerConfig, param_labels, trainable_norm, trainable_vector
 from linattn.train import Run, TaskContext, TrainConfig, TrainResult, train_plan
@@ -62,7 +63,7 @@ def gradient_flow(name: str, params0: Mapping, subset="all", cfg: ObjectiveConfi
     as well and different is an error. Without train_cfg: TrainConfig's defaults (5000 steps, the
     reference SGD, noise 0.1, "tokens").
     """
-    d = params0["V"].shape[-1] - 2
+    d = model_of(params0).d(params0)
     tc = _flow_config(train_cfg, d, steps=steps, optimizer=opt_cfg, noise=noise, normalization=normalization)
     steps, noise, normalization = tc.steps, tc.noise, tc.normalization
     theta = np.zeros(d) if theta0 is None else np.asarray(theta0, np.float64)
