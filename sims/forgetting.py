@@ -149,6 +149,9 @@ class Method(NamedTuple):
     # per-run data: per_run(cfg, obj, pretrained, seed) -> the run's ObjectiveConfig, given the study
     # config, the run's ObjectiveConfig (aux_weight set) and the model's stacked pretrained weights
     per_run: Optional[Callable] = None
+    # a reparametrisation to train: start(cfg, pretrained, seed) -> the run's starting tree, given the
+    # seed's own pretrained weights (e.g. lora_start: a LoRA tree around them); None: those weights
+    start: Optional[Callable] = None
 
 
 def pull_to_pretrained(cfg, obj: ObjectiveConfig, pretrained: dict, seed: int) -> ObjectiveConfig:
@@ -169,6 +172,27 @@ def ewc_data(cfg, obj: ObjectiveConfig, pretrained: dict, seed: int) -> Objectiv
                                curvature=ewc_curvatures(cfg, pretrained)[seed])
 
 
+LORA_RANKS = (1, 2)  # the LoRA methods' ranks (fig8 traces them with r = 0, the pretrained model)
+LORA_LABELS = {"kq": "KQ", "v": "V"}
+
+
+def lora_start(target: str, rank: int) -> Callable:
+    """Method.start of ZS with LoRA of `rank` on `target` ("kq" or "v"): linattn.lora.init_lora around
+    the seed's pretrained weights, its random factor from key fold_in(fold_in(root, "lora"), seed)."""
+    from linattn.lora import check_target, init_lora
+
+    check_target(target)
+
+    def start(cfg, pretrained: dict, seed: int) -> dict:
+        return init_lora(key_for(cfg, "lora", seed), pretrained, rank, target)
+
+    return start
+
+
+def lora_name(target: str, rank: int) -> str:
+    return f"zs_lora_{target}{rank}"
+
+
 def _methods() -> tuple[Method, ...]:
     out = []
     for sub, lab in (("all", "all"), ("kq", "KQ"), ("v", "V")):
@@ -177,6 +201,9 @@ def _methods() -> tuple[Method, ...]:
     out.append(Method("zs_replay_all", "merged", "zs_replay", "all", "ZS+replay (all)"))
     out.append(Method("zs_l2_all", "merged", "zs_l2", "all", "ZS+L2 to pretrained (all)", l2_sp_data))
     out.append(Method("ewc_all", "merged", "ewc", "all", "EWC (all)", ewc_data))
+    for t, lab in LORA_LABELS.items():
+        out += [Method(lora_name(t, r), "merged", "zs", f"lora_{t}", f"ZS, LoRA rank {r} ({lab})", start=lora_start(t, r))
+                for r in LORA_RANKS]
     for sub, lab in (("all", "all"), ("k", "K"), ("q", "Q"), ("v", "V")):
         out += [Method(f"sep_zs_{sub}", "separate", "zs", sub, f"ZS ({lab})"),
                 Method(f"sep_zsfs_{sub}", "separate", "zsfs", sub, f"ZS+FS ({lab})")]
@@ -193,7 +220,9 @@ def register_method(method: Method) -> Method:
     """Add a fine-tuning method to the study: `--methods`, every figure and results.json then know it.
 
     The objective must be registered (linattn.objectives) and the subset valid for the model;
-    per_run (optional) gives each run its own data (e.g. pull_to_pretrained for L2-SP).
+    per_run (optional) gives each run its own data (e.g. pull_to_pretrained for L2-SP); start
+    (optional) trains a reparametrisation of the pretrained weights (lora_start), whose subset names
+    are its model's (linattn.models; checked against the start tree when the plan is built).
     """
     from linattn.objectives import get_objective
 
@@ -203,9 +232,12 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"method {method.name!r}: model {method.model!r} unknown; allowed: {list(PRETRAINED)}")
     get_objective(method.objective)
     allowed = MODEL_SUBSETS[method.model]
-    if method.subset not in allowed:
+    if method.start is None and method.subset not in allowed:
         raise ValueError(f"method {method.name!r}: subset {method.subset!r} unknown for the {method.model} model; "
                          f"allowed: {allowed}")
+    if method.start is not None and not callable(method.start):
+        raise ValueError(f"method {method.name!r}: start must be a function (cfg, pretrained, seed) -> parameter tree "
+                         f"or None; got {method.start!r}")
     if method.per_run is not None and not callable(method.per_run):
         raise ValueError(f"method {method.name!r}: per_run must be a function (cfg, obj, pretrained, seed) -> "
                          f"ObjectiveConfig or None; got {method.per_run!r}")
@@ -220,7 +252,7 @@ def root_key(cfg: StudyConfig):
 
 
 PURPOSE = {"theta0": 0, "dataset": 1, "init": 2, "pretrain": 3, "finetune": 4, "eval": 5, "init_sep": 6,
-           "sgd_gap": 7, "sgd_aware": 8}
+           "sgd_gap": 7, "sgd_aware": 8, "lora": 9}
 
 
 def key_for(cfg: StudyConfig, purpose: str, *more: int):
@@ -296,6 +328,21 @@ def planned(store: Store, tag: str, runs: list, train) -> list:
         arrays.update({f"{i}/history": r.history, f"{i}/final_loss": r.final_loss, f"{i}/diverged_at": r.diverged_at})
     store.save(name, arrays)
     return res
+
+
+def linear_results(results: list) -> list:
+    """The results with every reparametrised tree (LoRA) replaced by the linear tree it computes
+    (linattn.models.effective_tree), parameters and snapshots, in the run's own precision: what
+    evaluation, the exact curves and the saved pieces read. Linear trees are returned as they are."""
+    from linattn.models import effective_tree, model_of
+
+    def lin(tree):
+        if tree is None or model_of(tree).effective is None:
+            return tree
+        with jax.enable_x64(True):  # float64 flow results stay float64
+            return {k: np.asarray(v) for k, v in effective_tree({k: jnp.asarray(v) for k, v in tree.items()}).items()}
+
+    return [r._replace(params=lin(r.params), snapshots=lin(r.snapshots)) for r in results]
 
 
 def stack(trees: list) -> dict:
@@ -497,8 +544,11 @@ def finetune_cells(cfg, pieces: list[str]) -> list[Cell]:
 
 def finetune_run(cfg, cell: Cell, pre: dict, ctx, aux=None, key=True) -> T.Run:
     """The cell's Run; its method's per_run adds the run's own data (zs_l2 and ewc: the seed's
-    pretrained weights as reference, ewc also the curvature there)."""
+    pretrained weights as reference, ewc also the curvature there), its start the tree it trains
+    (LoRA: adapters around the seed's pretrained weights)."""
     p0 = {k: v[cell.seed] for k, v in pre[cell.method.model].items()}
+    if cell.method.start is not None:
+        p0 = cell.method.start(cfg, p0, cell.seed)
     aux = cell.aux if aux is None else aux
     obj = obj_cfg(cfg, aux)
     if cell.method.per_run is not None:
@@ -557,8 +607,8 @@ def backfill_sgd_aware(cfg, store, pieces: list[str], pre, ectx, theta0, devices
     d_runs = sgd_aware_runs(cfg, cells, pre, ectx)
     log(f"stage D for {len(pieces)} earlier pieces ({', '.join(pieces)}): {len(d_runs)} SGD-aware prediction paths")
     progress = Progress(_work(d_runs))
-    aware = planned(store, "D_backfill", d_runs, lambda r: T.train_plan(
-        r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r))))
+    aware = linear_results(planned(store, "D_backfill", d_runs, lambda r: T.train_plan(
+        r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r)))))
     flows = flow_plan([finetune_run(cfg, c, pre, ectx, key=False) for c in cells], devices=devices)
     arrays = sgd_aware_arrays(cfg, cells, aware, theta0)
     for p in pieces:
@@ -839,17 +889,17 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         t0 = time.time()
         runs = [finetune_run(cfg, c, pre, ctx) for c in cells]
         log(f"stage B: fine-tuning {len(runs)} runs ({len(todo_ft)} pieces) in one plan")
-        trained = planned(store, "B", runs, lambda r: T.train_plan(
-            r, devices=devices, on_progress=progress.stage("stage B", _units(r))))
+        trained = linear_results(planned(store, "B", runs, lambda r: T.train_plan(
+            r, devices=devices, on_progress=progress.stage("stage B", _units(r)))))
         t1 = time.time()
         flow_runs = [finetune_run(cfg, c, pre, ectx, key=False) for c in cells] + frontier_runs(cfg, todo_ft, pre, ectx)
-        flows = planned(store, "C", flow_runs, lambda r: flow_plan(r, devices=devices))
+        flows = linear_results(planned(store, "C", flow_runs, lambda r: flow_plan(r, devices=devices)))
         log(f"stage C: {len(flow_runs)} gradient flows in {time.time() - t1:.0f} s")
         front = list(zip(flow_runs[len(cells):], flows[len(cells):]))
         t3 = time.time()
         d_runs = sgd_aware_runs(cfg, cells, pre, ectx)
-        aware = planned(store, "D", d_runs, lambda r: T.train_plan(
-            r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r)))) if d_runs else []
+        aware = linear_results(planned(store, "D", d_runs, lambda r: T.train_plan(
+            r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r))))) if d_runs else []
         if d_runs:
             log(f"stage D: {len(d_runs)} SGD-aware prediction paths in {time.time() - t3:.0f} s")
         t2 = time.time()
@@ -948,6 +998,24 @@ def agreement(curve: dict) -> dict:
     return out
 
 
+def lora_knobs(cfg, store: Store) -> dict:
+    """ZS with LoRA traced over its rank, per target ("kq", "v") whose methods the config runs, stacked
+    from saved pieces (nothing computed): {target: {"ranks": (A,) = 0 and LORA_RANKS, "sim_mean",
+    "sim_se", "theory", "theory_optimum": (A, S, T, N)}}. Rank 0 is the pretrained model; its
+    prediction is its own exact curves."""
+    names = {m.name for m in selected_methods(cfg)}
+    out = {}
+    for t in LORA_LABELS:
+        ranks = [r for r in LORA_RANKS if lora_name(t, r) in names]
+        if not ranks:
+            continue
+        pre = store.load("pretrain_merged")
+        pieces = [{**pre, "theory_optimum": pre["theory"]}] + [store.load(lora_name(t, r)) for r in ranks]
+        out[t] = {"ranks": np.asarray([0, *ranks]),
+                  **{k: np.stack([p[k] for p in pieces]) for k in ("sim_mean", "sim_se", "theory", "theory_optimum")}}
+    return out
+
+
 def assemble(cfg, out: Path, store: Store, theta0) -> dict:
     """Write DIR/results.json and DIR/results.npz from the pieces."""
     methods, arrays, timing = {}, {"theta0": theta0, "shots": shots_of(cfg)}, {}
@@ -999,16 +1067,19 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
     fam = store.load("families")
     for k, v in fam.items():
         arrays[f"families/{k}"] = v
-    knobs = {}  # methods traced over a knob: {kind: {"zs_all": {knob: [...], "curves", "agreement"}}}
-    for kind, piece, knob in (("wise", "wise_zs_all", "alphas"), ("early", "early_zs_all", "steps")):
-        z = store.load(piece)
+    knobs = {}  # methods traced over a knob: {kind: {base: {knob: [...], "curves", "agreement"}}}
+    traced = [(kind, "zs_all", knob, store.load(piece), piece)
+              for kind, piece, knob in (("wise", "wise_zs_all", "alphas"), ("early", "early_zs_all", "steps"))]
+    traced += [(f"lora_{t}", "zs", "ranks", z, None) for t, z in lora_knobs(cfg, store).items()]
+    for kind, base, knob, z, piece in traced:
         curves = {f"{a:g}": curves_json(cfg, {k: z[k][i] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")})
                   for i, a in enumerate(z[knob])}
         for k in (knob, "sim_mean", "sim_se", "theory", "theory_optimum"):
-            arrays[f"{kind}/zs_all/{k}"] = z[k]
-        knobs[kind] = {"zs_all": {knob: z[knob].tolist(), "curves": curves,
-                                  "agreement": {a: {t: agreement(c) for t, c in cs.items()} for a, cs in curves.items()}}}
-        timing[piece] = float(z["seconds"])
+            arrays[f"{kind}/{base}/{k}"] = z[k]
+        knobs[kind] = {base: {knob: z[knob].tolist(), "curves": curves,
+                              "agreement": {a: {t: agreement(c) for t, c in cs.items()} for a, cs in curves.items()}}}
+        if piece is not None:
+            timing[piece] = float(z["seconds"])
     results = {"config": cfg.to_json(), "versions": versions(), "theta0": theta0.tolist(), "tasks": list(TASKS),
                "methods": methods, "sweeps": sweeps, "pretrain_ds": [cfg.d, *cfg.pretrain_ds], "pretrain_d": pre_d,
                "seconds": timing, **knobs}

@@ -5,7 +5,7 @@
 Every figure is written as DIR/NAME.png and DIR/NAME.pdf. Styles come from one registry (STYLES,
 register_style): one hue per trainable subset (all red, KQ/K blue, Q purple, V green), dark solid
 for ZS, light dashed for ZS+FS, orange for replay, brown for L2, dark teal for EWC, teal for WiSE-FT, magenta for early stopping,
-black for the pretrained models;
+light blue / light green for LoRA on KQ / V, black for the pretrained models;
 markers tell merged from separate models; every method, a user's too, gets its own colour and marker.
 """
 
@@ -41,7 +41,14 @@ def _builtin_styles() -> dict:
            "zs_l2_all": {"color": "#8c510a", "ls": ":", "marker": "P"},
            "ewc_all": {"color": "#01665e", "ls": ":", "marker": "X"},
            "wise_zs_all": {"color": "#35978f", "ls": "-", "marker": "h"},  # methods traced over a knob (fig8)
-           "early_zs_all": {"color": "#c51b7d", "ls": "-", "marker": ">"}}
+           "early_zs_all": {"color": "#c51b7d", "ls": "-", "marker": ">"},
+           # LoRA (light blue on KQ, light green on V; diamond rank 1, pentagon rank 2, octagon the rank curve)
+           "zs_lora_kq1": {"color": "#4393c3", "ls": "-", "marker": "d"},
+           "zs_lora_kq2": {"color": "#4393c3", "ls": "-", "marker": "p"},
+           "lora_kq_zs": {"color": "#4393c3", "ls": "-", "marker": "8"},
+           "zs_lora_v1": {"color": "#5aae61", "ls": "-", "marker": "d"},
+           "zs_lora_v2": {"color": "#5aae61", "ls": "-", "marker": "p"},
+           "lora_v_zs": {"color": "#5aae61", "ls": "-", "marker": "8"}}
     for sep, markers in (("", ("o", "s")), ("sep_", ("^", "v"))):
         for subset, (dark, light) in HUES.items():
             out[f"{sep}zs_{subset}"] = {"color": dark, "ls": "-", "marker": markers[0]}
@@ -424,7 +431,8 @@ def _label_sparsely(ax, labels, min_dist=0.05) -> None:
 
 FRONTIER_YMAX = 5.0  # fig8's y range ends here; methods above it are counted in a note
 KNOBS = {"zsfs": "w", "zs_replay": "w", "zs_l2": "λ", "ewc": "λ"}  # a swept objective's knob, as labelled
-TRACED = {"wise": ("alphas", "α", "WiSE-FT (all)"), "early": ("steps", "t", "early stopping of ZS (all)")}  # kind: field, knob
+TRACED = {"wise": ("alphas", "α", "WiSE-FT (all)"), "early": ("steps", "t", "early stopping of ZS (all)"),
+          "lora_kq": ("ranks", "r", "ZS with LoRA on KQ"), "lora_v": ("ranks", "r", "ZS with LoRA on V")}  # kind: field, knob
 
 
 def pareto(points) -> set:
@@ -438,7 +446,8 @@ def pareto(points) -> set:
 def knob_series(res, arr) -> list[dict]:
     """Every method traced over its knob: {"name", "label", "knob", "values", "theory" (V, T, N),
     "sim" [(value, mean (T, N), mc SE (T, N))]} for the sweeps (auxiliary weight; zs_l2's strength is
-    l2 x weight), WiSE-FT (alpha) and early stopping (steps), from results.json / results.npz."""
+    l2 x weight), WiSE-FT (alpha), early stopping (steps) and LoRA (rank; r = 0 the pretrained model),
+    from results.json / results.npz."""
     out = []
     l2 = res["config"]["objective"]["l2"]
     for name, sw in res["sweeps"].items():
@@ -539,7 +548,7 @@ AGREEMENT_INTRO = """\
 # Theory vs simulation, in standard errors
 
 One row per method and test task, then the auxiliary-weight sweeps ("NAME at λ = W", seed 0..k), the
-methods traced over a knob (WiSE-FT over α, early stopping over steps t; every seed) and
+methods traced over a knob (WiSE-FT over α, early stopping over steps t, LoRA over its rank r; every seed) and
 the pretraining at other dimensions ("pretrained, d = D", random tasks only); each number is the
 worst case over the shot counts n = 0..{max_shots}.
 - **max abs(sim - theory) / SE_mc**: the Monte Carlo test error (seed mean) against the exact risk

@@ -28,7 +28,8 @@ TINY = S.study_config(preset="tiny", steps=30, ft_steps=30, batch=64, seeds=2, d
                       methods=("sep_zs_q", "zs_replay_all", "zs_l2_all"))  # + zs_all, zsfs_v (needed by the theory families)
 TINY_NAMES = ["pretrained", "sep_pretrained", "zs_all", "zsfs_v", "sep_zs_q", "zs_replay_all", "zs_l2_all"]
 ALL_NAMES = ["zs_all", "zsfs_all", "zs_kq", "zsfs_kq", "zs_v", "zsfs_v", "sep_zs_all", "sep_zsfs_all",
-             "sep_zs_k", "sep_zsfs_k", "sep_zs_q", "sep_zsfs_q", "sep_zs_v", "sep_zsfs_v", "zs_replay_all", "zs_l2_all", "ewc_all"]
+             "sep_zs_k", "sep_zsfs_k", "sep_zs_q", "sep_zsfs_q", "sep_zs_v", "sep_zsfs_v", "zs_replay_all", "zs_l2_all", "ewc_all",
+             "zs_lora_kq1", "zs_lora_kq2", "zs_lora_v1", "zs_lora_v2"]
 FULL = Path(__file__).resolve().parents[1] / "figures" / "full_results.json"
 
 
@@ -144,11 +145,15 @@ def test_plot_redraws_without_training(tiny_run, monkeypatch):
 
 
 def test_the_full_sweep_runs_every_method():
-    """Default configs run the 9 merged methods (ZS, ZS+FS x all, KQ, V; ZS+replay; ZS+L2; EWC) and 8 separate ones."""
+    """Default configs run the 13 merged methods (ZS, ZS+FS x all, KQ, V; ZS+replay; ZS+L2; EWC; ZS with LoRA
+    rank 1, 2 on KQ and on V) and 8 separate ones."""
     assert [m.name for m in S.selected_methods(S.PRESETS["full"])] == [m.name for m in S.METHODS]
     assert sorted(m.name for m in S.METHODS) == sorted(ALL_NAMES)
     for m in S.METHODS:
         assert m.model == ("separate" if m.name.startswith("sep_") else "merged")
+        if m.start is not None:  # LoRA: ZS on adapters of rank r around the pretrained weights
+            assert m.name.startswith("zs_" + m.subset) and m.objective == "zs"
+            continue
         assert m.name.endswith("_" + m.subset) and m.objective in ("zs", "zsfs", "zs_replay", "zs_l2", "ewc")
     with pytest.raises(ValueError, match="unknown methods"):
         S.selected_methods(S.StudyConfig(methods=("zs_nothing",)))
