@@ -12,7 +12,8 @@ The study is one plan per stage on the training engine (linattn.train.train_plan
   A. pretraining: merged and separate models at d (S seeds, sharing each seed's minibatches) and
      the merged model at every d in pretrain_ds;
   B. every fine-tuning method, the auxiliary-weight sweeps and zs_l2 (pulled toward each seed's own
-     pretrained weights), fused on each seed's minibatches;
+     pretrained weights), fused on each seed's minibatches; LoRA methods (Method.start) train
+     adapters around each seed's pretrained weights and are saved as the linear trees they compute;
   C. the theory: population gradient flow (theory.solver.flow_plan) of every method and seed, and
      the frontier over auxiliary weights, in one exact plan.
 Each piece (DIR/pieces/NAME.npz) is saved as soon as it is evaluated, and the trained parameters of
