@@ -332,7 +332,7 @@ def stage_b(cells: list[Cell], pre: dict, store, log) -> dict:
     """{cell id: {method: stacked fine-tuned parameters}}: loaded or trained in one plan."""
     from linattn import distributed as dist
     from linattn import train as T
-    from sims.forgetting import pack, stack, unpack
+    from sims.forgetting import linear_results, pack, stack, unpack
 
     names = [f"trained_{c.id}" for c in cells]
     done = dict(zip(names, done_mask(store, names)))
@@ -356,7 +356,7 @@ def stage_b(cells: list[Cell], pre: dict, store, log) -> dict:
         t0 = time.time()
         groups = len(T.plan_groups(runs, "mc"))
         log(f"stage B: fine-tuning {len(runs)} runs of {len(todo)} cells in one plan ({groups} programs)")
-        res = T.train_plan(runs)
+        res = linear_results(T.train_plan(runs))  # LoRA methods: saved as the linear trees they compute
         log(f"stage B: {time.time() - t0:.1f} s")
         for c in todo:
             mine = [r for r, o in zip(res, owner) if o == c.id]
