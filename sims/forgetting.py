@@ -962,40 +962,51 @@ def _work(runs) -> int:
 
 
 # ---------------------------------------------------------------- results
-def curves_json(cfg, piece: dict, with_opt=True, tasks=TASKS) -> dict:
-    """{task: {"shots", "sim_mean", "sim_se", "theory", "theory_optimum", "sim_se_mc", "theory_se_seeds"}}
-    from a piece's arrays (S, T, N) (theory_optimum (S, T, N) or broadcastable)."""
+def curves_json(cfg, piece: dict, with_opt=True, tasks=TASKS, kind: str = "gradient flow") -> dict:
+    """{task: {"shots", "sim_mean", "sim_se", "sim_se_mc", "theory", "theory_se_seeds", "theory_optimum",
+    "prediction"}} from a piece's arrays (S, T, N) (its "theory_optimum" (S, T, N) or broadcastable).
+
+    theory_optimum is the study's prediction of what training reaches (issue #13): where the piece
+    has stage D's paths ("sgd_aware", (S * P, T, N)), the SGD-aware prediction's mean at the run's
+    batch, with "theory_optimum_sd" (its predicted spread over runs), "theory_optimum_se" (its own
+    path error), the gradient flow's curve "theory_flow" beside it and the seeds' "sim_sd";
+    otherwise the piece's deterministic prediction (`kind`: the gradient flow, or the closed form
+    for pretraining). "prediction" names which."""
     mean, se, mc, th, th_se = seed_stats(piece["sim_mean"], piece["sim_se"], piece["theory"])
     opt = np.broadcast_to(piece["theory_optimum"], piece["theory"].shape).mean(0) if with_opt else None
-    aware = piece.get("sgd_aware")  # (S * P, T, N): the SGD-aware prediction's paths
+    aware = piece.get("sgd_aware") if with_opt else None
     out = {}
     for t, name in enumerate(tasks):
         out[name] = {"shots": shots_of(cfg).tolist(), "sim_mean": mean[t].tolist(), "sim_se": se[t].tolist(),
                      "theory": th[t].tolist(), "theory_optimum": None if opt is None else opt[t].tolist(),
+                     "prediction": None if opt is None else kind,
                      "sim_se_mc": mc[t].tolist(), "theory_se_seeds": th_se[t].tolist()}
-        if aware is not None and with_opt:
+        if aware is not None:
             pred = path_stats(aware[:, t])
-            out[name].update({"theory_sgd": pred.mean.tolist(), "theory_sgd_sd": pred.sd.tolist(),
-                              "theory_sgd_se": pred.se.tolist(),
+            out[name].update({"theory_optimum": pred.mean.tolist(), "theory_optimum_sd": pred.sd.tolist(),
+                              "theory_optimum_se": pred.se.tolist(), "prediction": "sgd-aware",
+                              "theory_flow": opt[t].tolist(),
                               "sim_sd": path_stats(np.asarray(piece["theory"])[:, t]).sd.tolist()})
     return out
 
 
 def agreement(curve: dict) -> dict:
-    """Largest gaps, in standard errors, over all shot counts of one curve."""
+    """Largest gaps, in standard errors, over all shot counts of one curve: the simulation against
+    the exact risk of its own weights (Monte Carlo SE), against the prediction (SE of both sides:
+    Monte Carlo, seeds, and the SGD-aware prediction's paths) and, where the prediction is the
+    SGD-aware one, against the gradient flow."""
     sim, th = np.asarray(curve["sim_mean"]), np.asarray(curve["theory"])
     out = {"sim_vs_theory_max_se": float(np.max(np.abs(sim - th) / np.asarray(curve["sim_se_mc"])))}
     if curve["theory_optimum"] is not None:
         opt = np.asarray(curve["theory_optimum"])
-        z = np.abs(sim - opt) / np.asarray(curve["sim_se"])
+        z = np.abs(sim - opt) / np.hypot(curve["sim_se"], curve.get("theory_optimum_se", 0.0))
+        out["prediction"] = curve.get("prediction")
         out["sim_vs_optimum_max_se"] = float(np.max(z))
+        out["sim_vs_optimum_within_4se"] = float(np.mean(z < 4))
         out["sim_vs_optimum_worst_shot"] = int(np.argmax(z))
         out["sim_vs_optimum_max_rel"] = float(np.max(np.abs(sim - opt) / opt))
-    if curve.get("theory_sgd") is not None:  # the SE of both sides: seeds (and Monte Carlo), and the paths
-        z = np.abs(sim - np.asarray(curve["theory_sgd"])) / np.hypot(curve["sim_se"], curve["theory_sgd_se"])
-        out["sim_vs_sgd_max_se"] = float(np.max(z))
-        out["sim_vs_sgd_within_4se"] = float(np.mean(z < 4))
-        out["sim_vs_sgd_worst_shot"] = int(np.argmax(z))
+    if curve.get("theory_flow") is not None:
+        out["sim_vs_flow_max_se"] = float(np.max(np.abs(sim - np.asarray(curve["theory_flow"])) / np.asarray(curve["sim_se"])))
     return out
 
 
@@ -1027,7 +1038,7 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
         params = unpack("p_", piece)
         methods[name] = {
             "params": params_to_json({k: v[0] for k, v in params.items()}),
-            "curves": curves_json(cfg, piece),
+            "curves": curves_json(cfg, piece, kind="gradient flow" if m else "closed form"),
             "model": m.model if m else piece_name.split("_")[1],
             "objective": m.objective if m else "pretrain",
             "subset": m.subset if m else "all",
@@ -1061,7 +1072,7 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
         for k in ("sim_mean", "sim_se", "theory", "theory_optimum"):
             arrays[f"pretrain_d{d}/{k}"] = piece[k]
         curves = curves_json(cfg, {k: piece[k][..., None, :] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")},
-                             tasks=("random",))
+                             tasks=("random",), kind="closed form")
         pre_d[str(d)] = {"curves": curves, "agreement": {t: agreement(c) for t, c in curves.items()},
                          "train_eval_seconds": float(piece["seconds"])}
         timing[f"pretrain_d{d}"] = float(piece["seconds"])

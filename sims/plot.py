@@ -197,7 +197,8 @@ def fig_zs_family(res, arr, out):
             ax.plot(shots, curves[i, t], color=cmap(i / max(len(ws) - 1, 1)), lw=1.2,
                     label=f"family member w = 1/KQ[0,0] = {w:.2f}")
         c = _curve(res, "zs_all", task)
-        ax.plot(shots, c["theory_optimum"], color="k", ls="--", lw=1.5, label=f"gradient-flow prediction (w = {wf:.2f})")
+        ax.plot(shots, c["theory_optimum"] if c.get("theory_flow") is None else c["theory_flow"], color="k", ls="--", lw=1.5,
+                label=f"gradient-flow prediction (w = {wf:.2f})")
         _errorbar(ax, shots, c["sim_mean"], c["sim_se"], style("zs_all"), "simulation ZS (all)")
         ax.set(xlabel="shots n", ylabel="test error", title=f"Full ZS fine-tuning minimizers: {TASK_TITLES[task]}",
                yscale="log")
@@ -248,11 +249,12 @@ def fig_theory_vs_sim(res, arr, out):
             ax = axes[i, j]
             c = _curve(res, name, task)
             ax.plot(shots, c["theory"], color=st["color"], lw=1.4, label="exact risk of the trained weights")
-            if c["theory_optimum"] is not None:
+            if c.get("theory_flow") is not None:  # the prediction is SGD-aware: its band, and the flow beside it
+                ax.plot(shots, c["theory_flow"], color="gray", lw=1.2, ls="--", label="exact risk of the gradient flow's weights")
+                _band(ax, shots, c["theory_optimum"], c["theory_optimum_se"])
+            elif c["theory_optimum"] is not None:
                 ax.plot(shots, c["theory_optimum"], color="gray", lw=1.2, ls="--",
                         label="exact risk of the predicted weights" if name != "pretrained" else "exact risk of the closed-form optimum")
-            if c.get("theory_sgd") is not None:
-                _band(ax, shots, c["theory_sgd"], c["theory_sgd_se"])
             _errorbar(ax, shots, c["sim_mean"], c["sim_se"], {**st, "ls": "-"}, "simulation (mean ± SE)")
             if i == 0:
                 ax.set_title(label(name, res), fontsize=10)
@@ -555,16 +557,19 @@ worst case over the shot counts n = 0..{max_shots}.
   (theory.risk) of the *same trained weights*, in Monte Carlo standard errors. Seed-to-seed variation
   cancels, so this checks the simulator and the theory against each other; |z| up to about 4 is what
   noise gives over many comparisons.
-- **max abs(sim - prediction) / SE**: the same Monte Carlo error against the exact risk of the
-  *predicted* weights (population gradient flow with the training optimizer from each seed's
-  pretrained weights; for the pretrained rows, the closed-form optimum), in total SEs (Monte Carlo and
-  seed spread). This checks whether theory predicts what training reaches.
+- **prediction**: what predicts the trained weights (issue #13). *sgd-aware*: the SGD-aware prediction at
+  the run's batch (theory.sgd: the population gradient flow with the training optimizer from each seed's
+  pretrained weights plus minibatch noise of the model's own gradient covariance, several paths per seed;
+  the study's stage D). *gradient flow*: that flow without noise (sweeps and traced knobs). *closed form*:
+  the pretraining optimum.
+- **max abs(sim - prediction) / SE** and **within 4 SE**: the same Monte Carlo error against the exact
+  risk of the *predicted* weights, in SEs combining the simulation's (Monte Carlo and seed spread) and,
+  for the SGD-aware prediction, its own (its paths); and the fraction of shot counts within 4 of them.
+  This checks whether theory predicts what training reaches.
 - **at n**: the shot count of that worst gap. **max rel. gap to prediction**: the largest
   |sim - prediction| / prediction over the shots, in percent.
-- **SGD-aware: max / SE** and **within 4 SE**: the same Monte Carlo error against the SGD-aware
-  prediction at the run's batch (theory.sgd: the gradient flow plus minibatch noise of the model's own
-  gradient covariance, several paths per seed), in SEs combining the simulation's (Monte Carlo and
-  seeds) and the prediction's own (its paths); and the fraction of shot counts within 4 of them.
+- **gradient flow: max / SE**: where the prediction is SGD-aware, the same simulation against the
+  gradient flow alone, in the simulation's SEs: how much of the gap minibatch noise explains.
 """
 
 
@@ -572,9 +577,9 @@ def agreement_table(res) -> str:
     """agreement.md: a paragraph explaining the columns (AGREEMENT_INTRO), then for each method and
     task the largest gaps over shots 0..max in standard errors (see the paragraph)."""
     lines = [AGREEMENT_INTRO.format(max_shots=res["config"]["max_shots"]),
-             "| method | task | max abs(sim - theory) / SE_mc | max abs(sim - prediction) / SE | at n | max rel. gap to prediction "
-             "| SGD-aware: max / SE | within 4 SE |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | task | prediction | max abs(sim - theory) / SE_mc | max abs(sim - prediction) / SE | within 4 SE "
+             "| at n | max rel. gap to prediction | gradient flow: max / SE |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = [(name, m["agreement"]) for name, m in res["methods"].items()]
     rows += [(f"{name} at λ = {lam}", a) for name, sw in res["sweeps"].items() for lam, a in sw.get("agreement", {}).items()]
     rows += [(f"{lab} at {knob} = {v}", a) for kind, (_, knob, lab) in TRACED.items()
@@ -582,10 +587,11 @@ def agreement_table(res) -> str:
     rows += [(f"pretrained, d = {d}", p["agreement"]) for d, p in res.get("pretrain_d", {}).items()]
     for name, agree in rows:
         for task, a in agree.items():
-            lines.append(f"| {name} | {task} | {a['sim_vs_theory_max_se']:.2f} | {a.get('sim_vs_optimum_max_se', float('nan')):.2f}"
-                         f" | {a.get('sim_vs_optimum_worst_shot', '')} | {100 * a.get('sim_vs_optimum_max_rel', float('nan')):.1f}%"
-                         + (f" | {a['sim_vs_sgd_max_se']:.2f} | {100 * a['sim_vs_sgd_within_4se']:.0f}% |"
-                            if "sim_vs_sgd_max_se" in a else " | – | – |"))
+            nan = float("nan")
+            lines.append(f"| {name} | {task} | {a.get('prediction') or '–'} | {a['sim_vs_theory_max_se']:.2f}"
+                         f" | {a.get('sim_vs_optimum_max_se', nan):.2f} | {100 * a.get('sim_vs_optimum_within_4se', nan):.0f}%"
+                         f" | {a.get('sim_vs_optimum_worst_shot', '')} | {100 * a.get('sim_vs_optimum_max_rel', nan):.1f}%"
+                         + (f" | {a['sim_vs_flow_max_se']:.2f} |" if "sim_vs_flow_max_se" in a else " | – |"))
     return "\n".join(lines) + "\n"
 
 

@@ -75,6 +75,11 @@ def test_results_json_layout(tiny_run):
                 assert len(c[key]) == 41 and np.all(np.isfinite(c[key]))
             assert np.all(np.asarray(c["sim_se"]) > 0)
             assert c["theory_optimum"] is not None and len(c["theory_optimum"]) == 41
+            if name.endswith("pretrained"):
+                assert c["prediction"] == "closed form" and "theory_flow" not in c
+            else:  # the SGD-aware prediction (stage D), the gradient flow beside it
+                assert c["prediction"] == "sgd-aware" and len(c["theory_flow"]) == 41
+                assert np.all(np.asarray(c["theory_optimum_se"]) > 0) and np.all(np.asarray(c["theory_optimum_sd"]) > 0)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["root_seed"] == TINY.seed and cfg["config"] == res["config"]
     with np.load(out / "results.npz") as z:
@@ -88,8 +93,8 @@ def test_results_json_layout(tiny_run):
                                    rtol=1e-6)
         np.testing.assert_allclose(wise["curves"]["1"][task]["theory"], res["methods"]["zs_all"]["curves"][task]["theory"],
                                    rtol=1e-6)
-        np.testing.assert_allclose(wise["curves"]["1"][task]["theory_optimum"],
-                                   res["methods"]["zs_all"]["curves"][task]["theory_optimum"], rtol=1e-6)
+        np.testing.assert_allclose(wise["curves"]["1"][task]["theory_optimum"],  # WiSE-FT's prediction: the flow's
+                                   res["methods"]["zs_all"]["curves"][task]["theory_flow"], rtol=1e-6)
     early = res["early"]["zs_all"]  # early stopping: step 0 is the pretrained model, the last step zs_all
     assert early["steps"] == [0, *S.early_steps(TINY), TINY.ft_steps] and S.early_steps(TINY) == (1, 2, 3, 6, 15)
     for task in ("theta0", "minus_theta0", "random"):
@@ -98,7 +103,8 @@ def test_results_json_layout(tiny_run):
             ref = res["methods"]["pretrained" if key != "theory_optimum" else "zs_all"]["curves"][task]
             if key != "theory_optimum":
                 np.testing.assert_allclose(first[key], ref[key], rtol=1e-6)
-            np.testing.assert_allclose(last[key], res["methods"]["zs_all"]["curves"][task][key], rtol=1e-6)
+            ref = res["methods"]["zs_all"]["curves"][task]  # early stopping's prediction: the flow's own iterates
+            np.testing.assert_allclose(last[key], ref["theory_flow" if key == "theory_optimum" else key], rtol=1e-6)
 
 
 def test_sim_matches_theory_of_the_same_weights(tiny_run):
