@@ -82,6 +82,7 @@ CASES = [
     ("theory.optimal", ["--method", "pretrain", "--d", "0"], ["--d", "got 0", ">= 1"]),
     ("theory.optimal", ["--method", "pretrain", "--out", "{X}/P.json"], ["{X}", "does not exist"]),
     ("theory.optimal", ["--method", "pretrain", "--out", "."], ["'.'", "is a folder"]),
+    ("theory.optimal", ["--method", "zs_v", "--theta=1,0,0,0,0", "--params", "{X}"], ["{X}", "cannot read"]),
     ("theory.predict", [], ["--params"]),
     ("theory.predict", ["--params", "{P}"], ["--theta"]),
     ("theory.predict", ["--params", "{P}", "--theta=1,0"], ["2 entries", "d = 5"]),
