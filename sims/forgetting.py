@@ -79,7 +79,7 @@ class StudyConfig:
     d_seeds: int = 3  # seeds at those dimensions
     methods: tuple = ()  # fine-tuning methods to run (names in METHODS); () for all
     early_stops: tuple = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # fractions of ft_steps where iterates are kept
-    sgd_paths: int = 2  # SGD-aware prediction (theory.sgd): noise paths per method and seed; 0: none
+    sgd_paths: int = 2  # SGD-aware prediction (theory.sgd): noise paths per run (method or sweep cell); 0: none
 
     @property
     def d(self) -> int:
@@ -579,25 +579,32 @@ def ewc_curvatures(cfg, trees: dict) -> np.ndarray:
 
 
 def sgd_aware_runs(cfg, cells, pre, ctx) -> list[T.Run]:
-    """Stage D: the SGD-aware prediction (theory.sgd) of every method cell (not the sweeps), its
-    cfg.sgd_paths noise paths per cell. The paths of one seed share keys across methods (fused, and
+    """Stage D: the SGD-aware prediction (theory.sgd) of every cell, methods and sweeps, its
+    cfg.sgd_paths noise paths per cell. The paths of one seed share keys across cells (fused, and
     common random numbers), key fold_in(fold_in(root, "sgd_aware"), seed), then the path."""
     runs = [dataclasses.replace(finetune_run(cfg, c, pre, ctx, key=False), key=key_for(cfg, "sgd_aware", c.seed))
-            for c in cells if not c.piece.startswith("sweep_")]
+            for c in cells]
     return path_runs(runs, cfg.sgd_paths) if runs and cfg.sgd_paths else []
 
 
 def sgd_aware_arrays(cfg, cells, aware, theta0) -> dict:
-    """{piece: {"sgd_aware": (S * P, T, N) exact curves of the paths' end points, "history_sgd_aware":
-    (S * P, K) their objective histories}} from stage D's results (cfg.sgd_paths per method cell of
-    `cells`, in order, as sgd_aware_runs makes them)."""
+    """{piece: {"sgd_aware": exact curves of the paths' end points, "history_sgd_aware": their
+    objective histories}} from stage D's results (cfg.sgd_paths per cell of `cells`, in order, as
+    sgd_aware_runs makes them). Method pieces: (S * P, T, N) and (S * P, K); sweep pieces: (W, S' * P,
+    T, N) and (W, S' * P, K), the weights in cfg.sweep_weights order."""
     ends: dict = {}
-    method_cells = [c for c in cells if not c.piece.startswith("sweep_")]
-    for j, c in enumerate(method_cells):
+    for j, c in enumerate(cells):
         ends.setdefault(c.piece, []).extend(aware[j * cfg.sgd_paths:(j + 1) * cfg.sgd_paths] if len(aware) else [])
     ends = {p: rs for p, rs in ends.items() if rs}
     curves = theory_models(cfg, {p: stack([r.params for r in rs]) for p, rs in ends.items()}, theta0) if ends else {}
-    return {p: {"sgd_aware": curves[p], "history_sgd_aware": np.stack([r.history for r in rs])} for p, rs in ends.items()}
+    out = {}
+    for p, rs in ends.items():
+        c, h = curves[p], np.stack([r.history for r in rs])
+        if p.startswith("sweep_"):  # cells are weight-major (finetune_cells)
+            w = len(cfg.sweep_weights)
+            c, h = c.reshape((w, -1) + c.shape[1:]), h.reshape((w, -1) + h.shape[1:])
+        out[p] = {"sgd_aware": c, "history_sgd_aware": h}
+    return out
 
 
 def backfill_sgd_aware(cfg, store, pieces: list[str], pre, ectx, theta0, devices=None) -> None:
@@ -610,11 +617,12 @@ def backfill_sgd_aware(cfg, store, pieces: list[str], pre, ectx, theta0, devices
     progress = Progress(_work(d_runs))
     aware = linear_results(planned(store, "D_backfill", d_runs, lambda r: T.train_plan(
         r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r)))))
-    flows = flow_plan([finetune_run(cfg, c, pre, ectx, key=False) for c in cells], devices=devices)
+    methods = [c for c in cells if not c.piece.startswith("sweep_")]
+    flows = flow_plan([finetune_run(cfg, c, pre, ectx, key=False) for c in methods], devices=devices) if methods else []
     arrays = sgd_aware_arrays(cfg, cells, aware, theta0)
     for p in pieces:
-        hist = np.stack([f.history for c, f in zip(cells, flows) if c.piece == p])
-        store.save(p, {**store.load(p), **arrays[p], "history_flow": hist})
+        hist = [f.history for c, f in zip(methods, flows) if c.piece == p]
+        store.save(p, {**store.load(p), **arrays[p], **({"history_flow": np.stack(hist)} if hist else {})})
         log(f"{p}: SGD-aware prediction added ({time.time() - t0:.0f} s)")
 
 
@@ -628,7 +636,7 @@ def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0
     """Evaluation and theory of the method and sweep pieces: {piece: arrays}.
 
     trained / flows: results per cell; front: (run, result) of the frontier flows; aware: the
-    stage-D results, cfg.sgd_paths per method cell in order (sgd_aware_runs). A sweep piece's
+    stage-D results, cfg.sgd_paths per cell in order (sgd_aware_runs). A sweep piece's
     arrays have shape (W, S', T, N).
     """
     idx = {p: [i for i, c in enumerate(cells) if c.piece == p] for p in pieces}
@@ -657,7 +665,7 @@ def finetune_pieces(cfg, pieces: list[str], cells, trained, flows, front, theta0
         out[p] = {"weights": np.asarray(cfg.sweep_weights, np.float64), "sim_mean": mean.reshape(shape),
                   "sim_se": se.reshape(shape), "theory": th.reshape(shape), "theory_optimum": fl.reshape(shape),
                   "frontier_weights": np.asarray(cfg.frontier_weights, np.float64),
-                  "frontier_theory": theory_models(cfg, {"f": fr}, theta0)["f"]}
+                  "frontier_theory": theory_models(cfg, {"f": fr}, theta0)["f"], **ends.get(p, {})}
     return out
 
 
@@ -851,7 +859,7 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     cells = finetune_cells(cfg, todo_ft)
     pre_runs = pretrain_runs(cfg, todo_pre)
     seeds_b = len({c.seed for c in cells})  # stage B's slots: every run of a seed shares its key
-    seeds_d = seeds_b * cfg.sgd_paths if any(not c.piece.startswith("sweep_") for c in cells) else 0
+    seeds_d = seeds_b * cfg.sgd_paths if cells else 0
     progress = Progress(_work(pre_runs) + (seeds_b + seeds_d) * cfg.ft_steps)
     for p in pre_names:
         if p not in todo_pre:
@@ -908,7 +916,7 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         log(f"evaluation and exact curves of {len(todo_ft)} pieces in {time.time() - t2:.0f} s")
         for p, arrays in pieces.items():
             save(p, arrays, t0)
-    old = [p for p in ft_names if cfg.sgd_paths and not p.startswith("sweep_") and p not in todo_ft
+    old = [p for p in ft_names if cfg.sgd_paths and p not in todo_ft
            and "sgd_aware" not in store.load(p)]
     if old:
         backfill_sgd_aware(cfg, store, old, pre, ectx, theta0, devices)
@@ -1060,7 +1068,8 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
                      "curves": {}, "agreement": {},
                      "frontier_theory": {t: piece["frontier_theory"][:, i].tolist() for i, t in enumerate(TASKS)}}
         for w, lam in enumerate(piece["weights"].tolist()):
-            curves = curves_json(cfg, {k: piece[k][w] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")})
+            curves = curves_json(cfg, {k: piece[k][w] for k in ("sim_mean", "sim_se", "theory", "theory_optimum", "sgd_aware")
+                                       if k in piece})
             sweeps[n]["curves"][f"{lam:g}"] = curves
             sweeps[n]["agreement"][f"{lam:g}"] = {t: agreement(c) for t, c in curves.items()}
         for k in ("sim_mean", "sim_se", "theory", "theory_optimum", "frontier_theory"):
@@ -1136,7 +1145,7 @@ HELP = {  # what each study field is; --help adds its --quick and --full values
     "d_seeds": "seeds at those dimensions",
     "methods": "fine-tuning methods to run (none given: all); the theory figures add zs_all and zsfs_v",
     "early_stops": "fractions of --ft-steps after which every run's iterates are kept (early stopping of zs_all)",
-    "sgd_paths": "SGD-aware prediction (theory.sgd): noise paths per method and seed (0: gradient flow only)",
+    "sgd_paths": "SGD-aware prediction (theory.sgd): noise paths per run, methods and sweeps (0: gradient flow only)",
     "steps": "pretraining steps",
     "batch": "prompts per risk term and step",
     "d": "covariate dimension",

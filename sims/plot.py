@@ -447,7 +447,7 @@ def pareto(points) -> set:
 
 def knob_series(res, arr) -> list[dict]:
     """Every method traced over its knob: {"name", "label", "knob", "values", "theory" (V, T, N),
-    "sim" [(value, mean (T, N), mc SE (T, N))]} for the sweeps (auxiliary weight; zs_l2's strength is
+    "sim" [(value, mean (T, N), mc SE (T, N))], "aware" [(value, SGD-aware prediction (T, N))]} for the sweeps (auxiliary weight; zs_l2's strength is
     l2 x weight), WiSE-FT (alpha), early stopping (steps) and LoRA (rank; r = 0 the pretrained model),
     from results.json / results.npz."""
     out = []
@@ -457,16 +457,19 @@ def knob_series(res, arr) -> list[dict]:
         scale = l2 if obj == "zs_l2" else 1.0
         sm, ss, sth = (arr[f"sweep/{name}/{k}"] for k in ("sim_mean", "sim_se", "theory"))  # (W, S', T, N)
         sims = [(scale * lam, *seed_stats(sm[w], ss[w], sth[w])[0:3:2]) for w, lam in enumerate(sw["weights"])]
+        aware = [(scale * lam, np.asarray([c[t]["theory_optimum"] for t in res["tasks"]]))
+                 for lam, c in ((lam, sw["curves"][f"{lam:g}"]) for lam in sw["weights"])
+                 if c[res["tasks"][0]].get("prediction") == "sgd-aware"]
         out.append({"name": name, "label": f"{res['methods'][name]['label']} over {KNOBS.get(obj, 'w')}",
                     "knob": KNOBS.get(obj, "w"), "values": scale * np.asarray(sw["frontier_weights"]),
-                    "theory": arr[f"sweep/{name}/frontier_theory"], "sim": sims})
+                    "theory": arr[f"sweep/{name}/frontier_theory"], "sim": sims, "aware": aware})
     for kind, (field, knob, lab) in TRACED.items():
         for base, tr in res.get(kind, {}).items():
             sm, ss, sth, opt = (arr[f"{kind}/{base}/{k}"] for k in ("sim_mean", "sim_se", "theory", "theory_optimum"))
             sims = [(v, *seed_stats(sm[a], ss[a], sth[a])[0:3:2]) for a, v in enumerate(tr[field])]
             out.append({"name": f"{kind}_{base}", "label": f"{lab} over {knob}" + (" (steps)" if kind == "early" else ""),
                         "knob": knob, "values": np.asarray(tr[field]),
-                        "theory": opt.mean(1), "sim": sims})
+                        "theory": opt.mean(1), "sim": sims, "aware": []})
     return out
 
 
@@ -507,6 +510,9 @@ def fig_frontier(res, arr, out):
                 ax.errorbar(mean[ti, 0], mean[ty, nft], xerr=mc[ti, 0], yerr=mc[ty, nft], fmt=SWEEP_MARKER,
                             color=st["color"], ms=7, mfc="white", lw=0.8)
                 sim_pts.append(((mean[ti, 0], mean[ty, nft]), "knob:" + sr["name"]))
+            for v, pred in sr["aware"]:  # the SGD-aware prediction at each simulated knob value
+                ax.plot(pred[ti, 0], pred[ty, nft], "+", color=st["color"], ms=9, mew=1.4)
+                th_pts.append(((pred[ti, 0], pred[ty, nft]), "knob:" + sr["name"]))
         th_env = sorted(th_pts[i][0] for i in pareto([p for p, _ in th_pts]))
         ax.plot(*np.asarray(th_env).T, color="gray", lw=7, alpha=0.25, zorder=0, solid_capstyle="round")
         envelope = {"theory": {th_pts[i][1] for i in pareto([p for p, _ in th_pts])},
@@ -532,7 +538,8 @@ def fig_frontier(res, arr, out):
                          for short, kind in (("T", "theory"), ("S", "simulation")) if n in env[kind]]
                 if marks:
                     lab[n] += "  [envelope " + " ".join(marks) + "]"
-            extra = [Line2D([], [], color="gray", marker="+", ls="", ms=8, label="theory prediction of a method (+)"),
+            extra = [Line2D([], [], color="gray", marker="+", ls="", ms=8,
+                            label="theory prediction of a method or a simulated knob value (+; SGD-aware)"),
                      Line2D([], [], color="gray", marker=SWEEP_MARKER, mfc="white", ls="", ms=8,
                             label="simulation along a knob (seed mean ± MC SE)"),
                      Line2D([], [], color="gray", ls="-", marker=".", label="theory along a knob (gradient flow)"),
@@ -560,7 +567,7 @@ worst case over the shot counts n = 0..{max_shots}.
 - **prediction**: what predicts the trained weights (issue #13). *sgd-aware*: the SGD-aware prediction at
   the run's batch (theory.sgd: the population gradient flow with the training optimizer from each seed's
   pretrained weights plus minibatch noise of the model's own gradient covariance, several paths per seed;
-  the study's stage D). *gradient flow*: that flow without noise (sweeps and traced knobs). *closed form*:
+  the study's stage D, for methods and sweeps). *gradient flow*: that flow without noise (the traced knobs). *closed form*:
   the pretraining optimum.
 - **max abs(sim - prediction) / SE** and **within 4 SE**: the same Monte Carlo error against the exact
   risk of the *predicted* weights, in SEs combining the simulation's (Monte Carlo and seed spread) and,

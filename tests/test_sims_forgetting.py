@@ -23,10 +23,10 @@ from sims import forgetting as S
 from sims import plot as P
 
 TINY = S.study_config(preset="tiny", steps=30, ft_steps=30, batch=64, seeds=2, dataset=2000, eval_samples=200,
-                      eval_chunk=200, sweep_methods=("zsfs_v",), sweep_weights=(4.0,), sweep_seeds=1,
+                      eval_chunk=200, sweep_methods=("zsfs_v", "ewc_all"), sweep_weights=(4.0,), sweep_seeds=1,
                       frontier_weights=(0.1, 10.0), pretrain_ds=(2,), d_steps=30, d_seeds=1,
-                      methods=("sep_zs_q", "zs_replay_all", "zs_l2_all"))  # + zs_all, zsfs_v (needed by the theory families)
-TINY_NAMES = ["pretrained", "sep_pretrained", "zs_all", "zsfs_v", "sep_zs_q", "zs_replay_all", "zs_l2_all"]
+                      methods=("sep_zs_q", "zs_replay_all", "zs_l2_all", "ewc_all"))  # + zs_all, zsfs_v (needed by the theory families)
+TINY_NAMES = ["pretrained", "sep_pretrained", "zs_all", "zsfs_v", "sep_zs_q", "zs_replay_all", "zs_l2_all", "ewc_all"]
 ALL_NAMES = ["zs_all", "zsfs_all", "zs_kq", "zsfs_kq", "zs_v", "zsfs_v", "sep_zs_all", "sep_zsfs_all",
              "sep_zs_k", "sep_zsfs_k", "sep_zs_q", "sep_zsfs_q", "sep_zs_v", "sep_zsfs_v", "zs_replay_all", "zs_l2_all", "ewc_all",
              "zs_lora_kq1", "zs_lora_kq2", "zs_lora_v1", "zs_lora_v2"]
@@ -80,6 +80,11 @@ def test_results_json_layout(tiny_run):
             else:  # the SGD-aware prediction (stage D), the gradient flow beside it
                 assert c["prediction"] == "sgd-aware" and len(c["theory_flow"]) == 41
                 assert np.all(np.asarray(c["theory_optimum_se"]) > 0) and np.all(np.asarray(c["theory_optimum_sd"]) > 0)
+    for lam, curves in res["sweeps"]["zsfs_v"]["curves"].items():  # the sweeps' stage D: P paths per cell
+        for c in curves.values():
+            assert c["prediction"] == "sgd-aware" and len(c["theory_flow"]) == len(c["theory_optimum"]) == 41
+    with np.load(out / "pieces" / "sweep_zsfs_v.npz") as z:
+        assert z["sgd_aware"].shape == (len(TINY.sweep_weights), TINY.sweep_seeds * TINY.sgd_paths, 3, 41)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["root_seed"] == TINY.seed and cfg["config"] == res["config"]
     with np.load(out / "results.npz") as z:
@@ -105,6 +110,23 @@ def test_results_json_layout(tiny_run):
                 np.testing.assert_allclose(first[key], ref[key], rtol=1e-6)
             ref = res["methods"]["zs_all"]["curves"][task]  # early stopping's prediction: the flow's own iterates
             np.testing.assert_allclose(last[key], ref["theory_flow" if key == "theory_optimum" else key], rtol=1e-6)
+
+
+def test_ewc_runs_in_the_study(tiny_run):
+    """sims.forgetting runs ewc_all (and its lambda sweep and theory frontier) with each seed's own
+    reference weights and curvature, and predicts it from the same Runs."""
+    from theory.antiforgetting import ewc_curvature
+
+    out, res, _, _ = tiny_run
+    pre = S.unpack("p_", S.Store(out).load("pretrain_merged"))
+    ctx = T.TaskContext(theta0=jnp.asarray(S.theta0_of(TINY), jnp.float32))
+    run = S.finetune_run(TINY, S.Cell("ewc_all", S.METHOD_BY_NAME["ewc_all"], 1, 2.5), {"merged": pre}, ctx)
+    np.testing.assert_allclose(run.obj.curvature, ewc_curvature({k: v[1] for k, v in pre.items()}, TINY.objective.m,
+                                                                TINY.noise), rtol=1e-9, atol=1e-12)
+    assert run.obj.aux_weight == 2.5 and all(np.array_equal(run.obj.ref_params[k], pre[k][1]) for k in pre)
+    for c in res["methods"]["ewc_all"]["curves"].values():
+        assert np.all(np.isfinite(c["theory_optimum"])) and np.all(np.isfinite(c["sim_mean"]))
+    assert list(res["sweeps"]["ewc_all"]["frontier_weights"]) == [0.1, 10.0]
 
 
 def test_sim_matches_theory_of_the_same_weights(tiny_run):
@@ -290,7 +312,7 @@ def test_findings_on_the_committed_full_run_simulation():
 
 def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_run, tmp_path):
     """A copy of the tiny run whose pieces and config.json lack the SGD-aware prediction (as run
-    folders made before it): a rerun adds it to every method piece, training nothing, with the
+    folders made before it): a rerun adds it to every method and sweep piece, training nothing, with the
     numbers of the run that computed it directly (to float64 rounding: the two group their
     programs differently, which reorders sums)."""
     import shutil
@@ -304,7 +326,7 @@ def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_r
     cfg_file.write_text(json.dumps(saved))
     store = S.Store(old)
     methods = [p.stem for p in (old / "pieces").glob("[!.]*.npz") if "sgd_aware" in store.load(p.stem)]
-    assert methods
+    assert "zs_all" in methods and "sweep_ewc_all" in methods
     for m in methods:
         store.save(m, {k: v for k, v in store.load(m).items() if k not in ("sgd_aware", "history_sgd_aware")})
     S.run_study(TINY, old, figures=False)
@@ -312,4 +334,5 @@ def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_r
         a, b = S.Store(out).load(m), store.load(m)
         np.testing.assert_allclose(b["sgd_aware"], a["sgd_aware"], rtol=1e-9)
         np.testing.assert_allclose(b["history_sgd_aware"], a["history_sgd_aware"], rtol=1e-9)
-        np.testing.assert_array_equal(a["p_V"], b["p_V"])
+        for k in {"p_V", "sim_mean"} & set(a):  # nothing trained or evaluated again (sweeps keep no weights)
+            np.testing.assert_array_equal(a[k], b[k])
