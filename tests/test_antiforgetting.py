@@ -418,26 +418,6 @@ def test_wise_ft_flow_theory_against_sgd_along_the_segment(subset):
 
 
 # ================================================================ the study
-def test_ewc_runs_in_the_study(tmp_path):
-    """sims.forgetting runs ewc_all (and its lambda sweep and theory frontier) with each seed's own
-    reference weights and curvature, and predicts it with the gradient flow of the same Runs."""
-    from sims import forgetting as S
-
-    cfg = S.study_config(preset="tiny", steps=30, ft_steps=30, batch=64, seeds=2, dataset=2000, eval_samples=200,
-                         eval_chunk=200, sweep_methods=("ewc_all",), sweep_weights=(4.0,), sweep_seeds=1,
-                         frontier_weights=(0.1, 10.0), pretrain_ds=(), d_steps=30, d_seeds=1, methods=("ewc_all",))
-    res = S.run_study(cfg, tmp_path / "run", figures=False)
-    pre = S.unpack("p_", S.Store(tmp_path / "run").load("pretrain_merged"))
-    run = S.finetune_run(cfg, S.Cell("ewc_all", S.METHOD_BY_NAME["ewc_all"], 1, 2.5), {"merged": pre}, _ctx())
-    np.testing.assert_allclose(run.obj.curvature, ewc_curvature(_seed(pre, 1), cfg.objective.m, cfg.noise), rtol=1e-9,
-                               atol=1e-12)
-    assert run.obj.aux_weight == 2.5 and all(np.array_equal(run.obj.ref_params[k], pre[k][1]) for k in pre)
-    curves = res["methods"]["ewc_all"]["curves"]
-    for task in TASK_NAMES:
-        assert np.all(np.isfinite(curves[task]["theory_optimum"])) and np.all(np.isfinite(curves[task]["sim_mean"]))
-    assert list(res["sweeps"]["ewc_all"]["frontier_weights"]) == [0.1, 10.0]
-
-
 # ================================================================ early stopping
 @pytest.mark.parametrize("k", [
     0,
