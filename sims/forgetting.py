@@ -604,6 +604,11 @@ def sgd_aware_arrays(cfg, cells, aware, theta0) -> dict:
             w = len(cfg.sweep_weights)
             c, h = c.reshape((w, -1) + c.shape[1:]), h.reshape((w, -1) + h.shape[1:])
         out[p] = {"sgd_aware": c, "history_sgd_aware": h}
+        if p == EARLY_BASE and rs[0].snapshots is not None:  # the paths' iterates at early_steps(cfg)
+            snaps = stack([r.snapshots for r in rs])  # leaves (S * P, K, ...)
+            k = next(iter(snaps.values())).shape[1]
+            sc = theory_models(cfg, {f"{i}": {n: v[:, i] for n, v in snaps.items()} for i in range(k)}, theta0)
+            out[p]["sgd_aware_snaps"] = np.stack([sc[f"{i}"] for i in range(k)], axis=1)  # (S * P, K, T, N)
     return out
 
 
@@ -694,6 +699,7 @@ def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0
             "zsfs_v_flow_omega": g * w}
 
 
+EARLY_BASE = "zs_all"  # the method early stopping traces (run_early); its stage-D paths keep their iterates
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT weights along pretrained -> ZS (all)
 
 
@@ -721,18 +727,31 @@ def run_wise(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
                           [interpolate(pre, flow, a) for a in WISE_ALPHAS], theta0)}
 
 
+def early_sgd_aware(cfg, zs_piece: dict, pre_theory: np.ndarray) -> dict:
+    """The SGD-aware prediction along early stopping's knob, {"sgd_aware": (A, S * P, T, N)}: the exact
+    curves of stage D's paths at 0 (the pretrained weights' own curves, pre_theory (S, T, N)),
+    early_steps(cfg) and ft_steps; {} if the piece holds no path iterates."""
+    if "sgd_aware_snaps" not in zs_piece:
+        return {}
+    snaps, end = zs_piece["sgd_aware_snaps"], zs_piece["sgd_aware"]
+    start = np.repeat(pre_theory, len(end) // len(pre_theory), axis=0)  # seed-major, as the paths
+    return {"sgd_aware": np.stack([start, *np.moveaxis(snaps, 1, 0), end])}
+
+
 def run_early(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
     """Early stopping of full ZS fine-tuning (zs_all): the iterates after 0, early_steps(cfg) and
     ft_steps steps (knob_curves), SGD's from the engine's snapshots and the gradient flow's from
-    its own trajectory (the same snapshots of theory.solver.flow_plan) as the prediction."""
+    its own trajectory (the same snapshots of theory.solver.flow_plan) as the prediction, and the
+    SGD-aware prediction's from stage D's paths (early_sgd_aware) where the piece has them."""
     if "snap_p_KQ" not in zs_piece:
         raise ValueError("the zs_all piece holds no iterates (TrainConfig.snapshots); rerun it")
     sgd, flow = unpack("snap_p_", zs_piece), unpack("snap_flow_", zs_piece)
     take = lambda t, k: {n: v[:, k] for n, v in t.items()}  # noqa: E731
     ks = range(len(early_steps(cfg)))
-    return {"steps": np.asarray([0, *early_steps(cfg), cfg.ft_steps]),
-            **knob_curves(cfg, [pre_params, *[take(sgd, k) for k in ks], unpack("p_", zs_piece)],
-                          [pre_params, *[take(flow, k) for k in ks], unpack("flow_", zs_piece)], theta0)}
+    curves = knob_curves(cfg, [pre_params, *[take(sgd, k) for k in ks], unpack("p_", zs_piece)],
+                         [pre_params, *[take(flow, k) for k in ks], unpack("flow_", zs_piece)], theta0)
+    return {"steps": np.asarray([0, *early_steps(cfg), cfg.ft_steps]), **curves,
+            **early_sgd_aware(cfg, zs_piece, curves["theory"][0])}
 
 
 # ---------------------------------------------------------------- the study driver
@@ -916,8 +935,8 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         log(f"evaluation and exact curves of {len(todo_ft)} pieces in {time.time() - t2:.0f} s")
         for p, arrays in pieces.items():
             save(p, arrays, t0)
-    old = [p for p in ft_names if cfg.sgd_paths and p not in todo_ft
-           and "sgd_aware" not in store.load(p)]
+    old = [p for p in ft_names if cfg.sgd_paths and p not in todo_ft and ("sgd_aware" not in store.load(p) or (
+           p == EARLY_BASE and ft_config(cfg).snapshots and "sgd_aware_snaps" not in store.load(p)))]
     if old:
         backfill_sgd_aware(cfg, store, old, pre, ectx, theta0, devices)
     if not store.has("families"):
@@ -930,6 +949,9 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     if not store.has("early_zs_all"):
         t0 = time.time()
         save("early_zs_all", run_early(cfg, pre["merged"], store.load("zs_all"), theta0), t0)
+    elif "sgd_aware" not in store.load("early_zs_all"):  # made before stage D kept the paths' iterates
+        early = store.load("early_zs_all")
+        store.save("early_zs_all", {**early, **early_sgd_aware(cfg, store.load("zs_all"), early["theory"][0])})
     for f in store.dir.glob(".plan_*.npz"):  # every piece built from them is saved
         f.unlink()
     results = assemble(cfg, out, store, theta0)
@@ -1093,7 +1115,8 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
               for kind, piece, knob in (("wise", "wise_zs_all", "alphas"), ("early", "early_zs_all", "steps"))]
     traced += [(f"lora_{t}", "zs", "ranks", z, None) for t, z in lora_knobs(cfg, store).items()]
     for kind, base, knob, z, piece in traced:
-        curves = {f"{a:g}": curves_json(cfg, {k: z[k][i] for k in ("sim_mean", "sim_se", "theory", "theory_optimum")})
+        curves = {f"{a:g}": curves_json(cfg, {k: z[k][i] for k in ("sim_mean", "sim_se", "theory", "theory_optimum",
+                                                                   "sgd_aware") if k in z})
                   for i, a in enumerate(z[knob])}
         for k in (knob, "sim_mean", "sim_se", "theory", "theory_optimum"):
             arrays[f"{kind}/{base}/{k}"] = z[k]

@@ -467,9 +467,12 @@ def knob_series(res, arr) -> list[dict]:
         for base, tr in res.get(kind, {}).items():
             sm, ss, sth, opt = (arr[f"{kind}/{base}/{k}"] for k in ("sim_mean", "sim_se", "theory", "theory_optimum"))
             sims = [(v, *seed_stats(sm[a], ss[a], sth[a])[0:3:2]) for a, v in enumerate(tr[field])]
+            aware = [(v, np.asarray([c[t]["theory_optimum"] for t in res["tasks"]]))
+                     for v, c in ((v, tr["curves"][f"{v:g}"]) for v in tr[field])
+                     if c[res["tasks"][0]].get("prediction") == "sgd-aware"]
             out.append({"name": f"{kind}_{base}", "label": f"{lab} over {knob}" + (" (steps)" if kind == "early" else ""),
                         "knob": knob, "values": np.asarray(tr[field]),
-                        "theory": opt.mean(1), "sim": sims, "aware": []})
+                        "theory": opt.mean(1), "sim": sims, "aware": aware})
     return out
 
 
@@ -567,7 +570,8 @@ worst case over the shot counts n = 0..{max_shots}.
 - **prediction**: what predicts the trained weights (issue #13). *sgd-aware*: the SGD-aware prediction at
   the run's batch (theory.sgd: the population gradient flow with the training optimizer from each seed's
   pretrained weights plus minibatch noise of the model's own gradient covariance, several paths per seed;
-  the study's stage D, for methods and sweeps). *gradient flow*: that flow without noise (the traced knobs). *closed form*:
+  the study's stage D, for methods, sweeps and early stopping's iterates). *gradient flow*: that flow without noise
+  (WiSE-FT, LoRA's rank curve). *closed form*:
   the pretraining optimum.
 - **max abs(sim - prediction) / SE** and **within 4 SE**: the same Monte Carlo error against the exact
   risk of the *predicted* weights, in SEs combining the simulation's (Monte Carlo and seed spread) and,

@@ -101,6 +101,15 @@ def test_results_json_layout(tiny_run):
         np.testing.assert_allclose(wise["curves"]["1"][task]["theory_optimum"],  # WiSE-FT's prediction: the flow's
                                    res["methods"]["zs_all"]["curves"][task]["theory_flow"], rtol=1e-6)
     early = res["early"]["zs_all"]  # early stopping: step 0 is the pretrained model, the last step zs_all
+    for t, curves in early["curves"].items():  # the SGD-aware prediction along the knob: stage D's path iterates
+        for task, c in curves.items():
+            assert c["prediction"] == "sgd-aware", (t, task)
+            if t == str(TINY.ft_steps):
+                np.testing.assert_allclose(c["theory_optimum"], res["methods"]["zs_all"]["curves"][task]["theory_optimum"],
+                                           rtol=1e-9)
+            if t == "0":
+                np.testing.assert_allclose(c["theory_optimum"], res["methods"]["pretrained"]["curves"][task]["theory"],
+                                           rtol=1e-9)
     assert early["steps"] == [0, *S.early_steps(TINY), TINY.ft_steps] and S.early_steps(TINY) == (1, 2, 3, 6, 15)
     for task in ("theta0", "minus_theta0", "random"):
         first, last = early["curves"]["0"][task], early["curves"][str(TINY.ft_steps)][task]
@@ -108,8 +117,9 @@ def test_results_json_layout(tiny_run):
             ref = res["methods"]["pretrained" if key != "theory_optimum" else "zs_all"]["curves"][task]
             if key != "theory_optimum":
                 np.testing.assert_allclose(first[key], ref[key], rtol=1e-6)
-            ref = res["methods"]["zs_all"]["curves"][task]  # early stopping's prediction: the flow's own iterates
-            np.testing.assert_allclose(last[key], ref["theory_flow" if key == "theory_optimum" else key], rtol=1e-6)
+            ref = res["methods"]["zs_all"]["curves"][task]
+            np.testing.assert_allclose(last[key], ref[key], rtol=1e-6)
+        np.testing.assert_allclose(last["theory_flow"], ref["theory_flow"], rtol=1e-6)  # the flow's own iterates
 
 
 def test_ewc_runs_in_the_study(tiny_run):
@@ -326,13 +336,14 @@ def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_r
     cfg_file.write_text(json.dumps(saved))
     store = S.Store(old)
     methods = [p.stem for p in (old / "pieces").glob("[!.]*.npz") if "sgd_aware" in store.load(p.stem)]
-    assert "zs_all" in methods and "sweep_ewc_all" in methods
+    assert {"zs_all", "sweep_ewc_all", "early_zs_all"} <= set(methods)
     for m in methods:
         store.save(m, {k: v for k, v in store.load(m).items() if k not in ("sgd_aware", "history_sgd_aware")})
     S.run_study(TINY, old, figures=False)
     for m in methods:
         a, b = S.Store(out).load(m), store.load(m)
         np.testing.assert_allclose(b["sgd_aware"], a["sgd_aware"], rtol=1e-9)
-        np.testing.assert_allclose(b["history_sgd_aware"], a["history_sgd_aware"], rtol=1e-9)
+        for k in {"history_sgd_aware", "sgd_aware_snaps"} & set(a):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-9)
         for k in {"p_V", "sim_mean"} & set(a):  # nothing trained or evaluated again (sweeps keep no weights)
             np.testing.assert_array_equal(a[k], b[k])
