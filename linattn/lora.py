@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linattn import model as linear
-from linattn.params import MERGED_KEYS, is_merged
+from linattn.params import MERGED_KEYS
 
 BASE = ("KQ0", "V0")
 TARGETS = {"kq": ("A_kq", "B_kq"), "v": ("A_v", "B_v")}  # adapted matrix -> its factors (A output side, B input)
@@ -134,7 +134,6 @@ def init_lora(key, base: Mapping, rank, target: str = "kq", *, std: float | None
         form = "the separate (K, Q, V) model" if keys == ("K", "Q", "V") else f"a tree with leaves {list(keys)}"
         raise ValueError(f"LoRA adapts the merged (KQ, V) model; got {form} (allowed: a merged tree "
                          "{'KQ', 'V'}; linattn.params.to_merged converts a separate one)")
-    is_merged(base)
     shape = tuple(np.shape(base["KQ"]))
     if len(shape) != 4 or shape != tuple(np.shape(base["V"])):
         raise ValueError(f"base leaves have shapes KQ {shape}, V {tuple(np.shape(base['V']))}; expected one "

@@ -727,7 +727,7 @@ def run_wise(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
                           [interpolate(pre, flow, a) for a in WISE_ALPHAS], theta0)}
 
 
-def early_sgd_aware(cfg, zs_piece: dict, pre_theory: np.ndarray) -> dict:
+def early_sgd_aware(zs_piece: dict, pre_theory: np.ndarray) -> dict:
     """The SGD-aware prediction along early stopping's knob, {"sgd_aware": (A, S * P, T, N)}: the exact
     curves of stage D's paths at 0 (the pretrained weights' own curves, pre_theory (S, T, N)),
     early_steps(cfg) and ft_steps; {} if the piece holds no path iterates."""
@@ -751,7 +751,7 @@ def run_early(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
     curves = knob_curves(cfg, [pre_params, *[take(sgd, k) for k in ks], unpack("p_", zs_piece)],
                          [pre_params, *[take(flow, k) for k in ks], unpack("flow_", zs_piece)], theta0)
     return {"steps": np.asarray([0, *early_steps(cfg), cfg.ft_steps]), **curves,
-            **early_sgd_aware(cfg, zs_piece, curves["theory"][0])}
+            **early_sgd_aware(zs_piece, curves["theory"][0])}
 
 
 # ---------------------------------------------------------------- the study driver
@@ -935,8 +935,11 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         log(f"evaluation and exact curves of {len(todo_ft)} pieces in {time.time() - t2:.0f} s")
         for p, arrays in pieces.items():
             save(p, arrays, t0)
-    old = [p for p in ft_names if cfg.sgd_paths and p not in todo_ft and ("sgd_aware" not in store.load(p) or (
-           p == EARLY_BASE and ft_config(cfg).snapshots and "sgd_aware_snaps" not in store.load(p)))]
+    def lacks_stage_d(p: str) -> bool:  # saved before stage D, or before its paths kept early stopping's iterates
+        z = store.load(p)
+        return "sgd_aware" not in z or (p == EARLY_BASE and bool(ft_config(cfg).snapshots) and "sgd_aware_snaps" not in z)
+
+    old = [p for p in ft_names if cfg.sgd_paths and p not in todo_ft and lacks_stage_d(p)]
     if old:
         backfill_sgd_aware(cfg, store, old, pre, ectx, theta0, devices)
     if not store.has("families"):
@@ -949,9 +952,11 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     if not store.has("early_zs_all"):
         t0 = time.time()
         save("early_zs_all", run_early(cfg, pre["merged"], store.load("zs_all"), theta0), t0)
-    elif "sgd_aware" not in store.load("early_zs_all"):  # made before stage D kept the paths' iterates
+    else:  # made before stage D kept the paths' iterates: add their prediction, nothing re-evaluated
         early = store.load("early_zs_all")
-        store.save("early_zs_all", {**early, **early_sgd_aware(cfg, store.load("zs_all"), early["theory"][0])})
+        added = {} if "sgd_aware" in early else early_sgd_aware(store.load(EARLY_BASE), early["theory"][0])
+        if added:
+            store.save("early_zs_all", {**early, **added})
     for f in store.dir.glob(".plan_*.npz"):  # every piece built from them is saved
         f.unlink()
     results = assemble(cfg, out, store, theta0)

@@ -457,22 +457,28 @@ def knob_series(res, arr) -> list[dict]:
         scale = l2 if obj == "zs_l2" else 1.0
         sm, ss, sth = (arr[f"sweep/{name}/{k}"] for k in ("sim_mean", "sim_se", "theory"))  # (W, S', T, N)
         sims = [(scale * lam, *seed_stats(sm[w], ss[w], sth[w])[0:3:2]) for w, lam in enumerate(sw["weights"])]
-        aware = [(scale * lam, np.asarray([c[t]["theory_optimum"] for t in res["tasks"]]))
-                 for lam, c in ((lam, sw["curves"][f"{lam:g}"]) for lam in sw["weights"])
-                 if c[res["tasks"][0]].get("prediction") == "sgd-aware"]
         out.append({"name": name, "label": f"{res['methods'][name]['label']} over {KNOBS.get(obj, 'w')}",
                     "knob": KNOBS.get(obj, "w"), "values": scale * np.asarray(sw["frontier_weights"]),
-                    "theory": arr[f"sweep/{name}/frontier_theory"], "sim": sims, "aware": aware})
+                    "theory": arr[f"sweep/{name}/frontier_theory"], "sim": sims,
+                    "aware": _aware_points(res, sw["curves"], sw["weights"], scale)})
     for kind, (field, knob, lab) in TRACED.items():
         for base, tr in res.get(kind, {}).items():
             sm, ss, sth, opt = (arr[f"{kind}/{base}/{k}"] for k in ("sim_mean", "sim_se", "theory", "theory_optimum"))
             sims = [(v, *seed_stats(sm[a], ss[a], sth[a])[0:3:2]) for a, v in enumerate(tr[field])]
-            aware = [(v, np.asarray([c[t]["theory_optimum"] for t in res["tasks"]]))
-                     for v, c in ((v, tr["curves"][f"{v:g}"]) for v in tr[field])
-                     if c[res["tasks"][0]].get("prediction") == "sgd-aware"]
             out.append({"name": f"{kind}_{base}", "label": f"{lab} over {knob}" + (" (steps)" if kind == "early" else ""),
                         "knob": knob, "values": np.asarray(tr[field]),
-                        "theory": opt.mean(1), "sim": sims, "aware": aware})
+                        "theory": opt.mean(1), "sim": sims, "aware": _aware_points(res, tr["curves"], tr[field])})
+    return out
+
+
+def _aware_points(res, curves: dict, values, scale: float = 1.0) -> list:
+    """[(scale x value, SGD-aware prediction (T, N))] of the knob values whose curves ({f"{value:g}":
+    {task: CURVE}} of results.json) are predicted SGD-aware."""
+    out = []
+    for v in values:
+        c = curves[f"{v:g}"]
+        if c[res["tasks"][0]].get("prediction") == "sgd-aware":
+            out.append((scale * v, np.asarray([c[t]["theory_optimum"] for t in res["tasks"]])))
     return out
 
 
@@ -570,9 +576,8 @@ worst case over the shot counts n = 0..{max_shots}.
 - **prediction**: what predicts the trained weights (issue #13). *sgd-aware*: the SGD-aware prediction at
   the run's batch (theory.sgd: the population gradient flow with the training optimizer from each seed's
   pretrained weights plus minibatch noise of the model's own gradient covariance, several paths per seed;
-  the study's stage D, for methods, sweeps and early stopping's iterates). *gradient flow*: that flow without noise
-  (WiSE-FT, LoRA's rank curve). *closed form*:
-  the pretraining optimum.
+  the study's stage D, for methods, sweeps and early stopping's iterates). *gradient flow*: that flow
+  without noise (WiSE-FT, LoRA's rank curve). *closed form*: the pretraining optimum.
 - **max abs(sim - prediction) / SE** and **within 4 SE**: the same Monte Carlo error against the exact
   risk of the *predicted* weights, in SEs combining the simulation's (Monte Carlo and seed spread) and,
   for the SGD-aware prediction, its own (its paths); and the fraction of shot counts within 4 of them.
