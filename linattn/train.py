@@ -18,8 +18,8 @@ TrainConfig and task context) and compiles one program per group:
 The risk source is a plan setting: "mc" (minibatch Monte Carlo, linattn.minibatch) trains;
 "exact" (theory.risk.exact_source, float64) is the population gradient flow with the same
 optimizer, schedule and steps (theory.solver.gradient_flow); "diffusion" (theory.sgd, float64) is
-that flow plus noise of the minibatch gradient's own covariance at TrainConfig.batch (the
-SGD-aware prediction, theory.sgd.sgd_plan).
+that flow plus noise of the minibatch gradient's own covariance at TrainConfig.batch, estimated
+from TrainConfig.probe prompts per term and step (the SGD-aware prediction, theory.sgd.sgd_plan).
 
 Devices are a call-site setting: `devices=None` uses every local device (on a CPU, linattn asks
 for one device per core when it is imported), `devices=1` one. Under jax.distributed
@@ -79,13 +79,14 @@ class TrainConfig:
     history: int = 100  # length of the returned loss history (bucket means)
     optimizer: OptimizerConfig = OptimizerConfig()
     snapshots: tuple = ()  # steps s (1..steps) after which the parameters are also returned (early stopping)
+    probe: int = 256  # the "diffusion" source's probe prompts per risk term and step (theory.sgd); others ignore it
 
     def __post_init__(self):
         if self.sampler != "auto" and self.sampler not in D.SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} unknown; allowed: {sorted(D.SAMPLERS)} or 'auto'")
         if self.tasks not in D.TASK_KINDS:
             raise ValueError(f"tasks {self.tasks!r} unknown; allowed: {list(D.TASK_KINDS)}")
-        for name in ("steps", "batch", "d", "history"):
+        for name in ("steps", "batch", "d", "history", "probe"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.noise < 0:

@@ -80,6 +80,7 @@ class StudyConfig:
     methods: tuple = ()  # fine-tuning methods to run (names in METHODS); () for all
     early_stops: tuple = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # fractions of ft_steps where iterates are kept
     sgd_paths: int = 2  # SGD-aware prediction (theory.sgd): noise paths per run (method or sweep cell); 0: none
+    sgd_probe: int = 256  # its probe prompts per risk term and step (TrainConfig.probe; DERIVATIONS section 8)
 
     @property
     def d(self) -> int:
@@ -582,8 +583,9 @@ def sgd_aware_runs(cfg, cells, pre, ctx) -> list[T.Run]:
     """Stage D: the SGD-aware prediction (theory.sgd) of every cell, methods and sweeps, its
     cfg.sgd_paths noise paths per cell. The paths of one seed share keys across cells (fused, and
     common random numbers), key fold_in(fold_in(root, "sgd_aware"), seed), then the path."""
-    runs = [dataclasses.replace(finetune_run(cfg, c, pre, ctx, key=False), key=key_for(cfg, "sgd_aware", c.seed))
-            for c in cells]
+    runs = [finetune_run(cfg, c, pre, ctx, key=False) for c in cells]
+    runs = [dataclasses.replace(r, key=key_for(cfg, "sgd_aware", c.seed), cfg=dataclasses.replace(r.cfg, probe=cfg.sgd_probe))
+            for r, c in zip(runs, cells)]
     return path_runs(runs, cfg.sgd_paths) if runs and cfg.sgd_paths else []
 
 
@@ -776,7 +778,8 @@ def check_study(cfg: StudyConfig) -> None:
 
     TrainConfig and ObjectiveConfig check their own fields when built."""
     selected_methods(cfg)
-    for f in ("ft_steps", "seeds", "dataset", "eval_samples", "eval_chunk", "sweep_seeds", "d_steps", "d_seeds"):
+    for f in ("ft_steps", "seeds", "dataset", "eval_samples", "eval_chunk", "sweep_seeds", "d_steps", "d_seeds",
+              "sgd_probe"):
         if int(getattr(cfg, f)) < 1:
             raise ValueError(f"{f} must be an integer >= 1; got {getattr(cfg, f)}")
     if int(cfg.sgd_paths) < 0:
@@ -1174,6 +1177,7 @@ HELP = {  # what each study field is; --help adds its --quick and --full values
     "methods": "fine-tuning methods to run (none given: all); the theory figures add zs_all and zsfs_v",
     "early_stops": "fractions of --ft-steps after which every run's iterates are kept (early stopping of zs_all)",
     "sgd_paths": "SGD-aware prediction (theory.sgd): noise paths per run, methods and sweeps (0: gradient flow only)",
+    "sgd_probe": "its probe prompts per risk term and step (more for small batches: DERIVATIONS section 8)",
     "steps": "pretraining steps",
     "batch": "prompts per risk term and step",
     "d": "covariate dimension",

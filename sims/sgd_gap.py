@@ -8,8 +8,11 @@ run's finite dataset), `--reps` SGD runs per pretrained seed. Beside it, the two
 the same weights: the gradient flow (the run's piece) and the SGD-aware prediction (theory.sgd,
 `--paths` paths per seed). Compared: the flat coordinate kappa = (Q^T K)[0,0] w
 (linattn.params.family_member) and the exact test error of every end point (no Monte Carlo) on the
-three test tasks; means, their SE and the spread over runs. Results per (method, batch) in
-RUN_DIR/sgd_gap/METHOD_bB.json (a rerun skips finished ones), the figure RUN_DIR/sgd_gap/flat_vs_batch.png.
+three test tasks; means, their SE and the spread over runs. The spread criterion compares the sd
+within one pretrained start (--starts 0 --reps 32 --paths 32: many runs from one start), predicted
+over simulated, with the bootstrap SE of the ratio's logarithm. Results per (method, batch) in
+RUN_DIR/sgd_gap/METHOD_bB[_kPROBE][_sSTARTS].json (a rerun skips finished ones), the figure
+RUN_DIR/sgd_gap/flat_vs_batch.png.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from linattn.params import family_member
 from linattn.records import versions
 from sims import forgetting as S
 from theory.risk import task_curves
-from theory.sgd import PROBE, path_stats, sgd_plan
+from theory.sgd import path_stats, sgd_plan
 
 
 def _stats(x: np.ndarray) -> dict:
@@ -38,32 +41,82 @@ def _stats(x: np.ndarray) -> dict:
     return {"mean": s.mean.tolist(), "se": s.se.tolist(), "sd": s.sd.tolist()}
 
 
-def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dataset: bool) -> dict:
-    """SGD, its SGD-aware prediction and the gradient flow of one method at one batch size."""
+def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dataset: bool, probe: int = 256,
+               starts=None) -> dict:
+    """SGD, its SGD-aware prediction and the gradient flow of one method at one batch size, from the
+    pretrained seeds `starts` (None: all of the run's)."""
     pre = S.unpack("p_", store.load(f"pretrain_{method.model}"))
+    starts = list(range(cfg.seeds)) if starts is None else [int(s) for s in starts]
     theta0 = S.theta0_of(cfg)
     ctx = T.TaskContext(jnp.asarray(theta0, jnp.float32), S.finetune_data(cfg, theta0) if dataset else None)
-    sub = S.dataclasses.replace(cfg, train=S.dataclasses.replace(cfg.train, batch=batch))
-    base = [S.finetune_run(sub, S.Cell(method.name, method, s, 1.0), {method.model: pre}, ctx) for s in range(cfg.seeds)]
+    sub = S.dataclasses.replace(cfg, train=S.dataclasses.replace(cfg.train, batch=batch, probe=probe))
+    base = [S.finetune_run(sub, S.Cell(method.name, method, s, 1.0), {method.model: pre}, ctx) for s in starts]
     key = S.key_for(cfg, "sgd_gap", batch)
-    sgd_runs = [S.dataclasses.replace(r, key=jax.random.fold_in(key, s * reps + j)) for s, r in enumerate(base)
+    sgd_runs = [S.dataclasses.replace(r, key=jax.random.fold_in(key, s * reps + j)) for s, r in zip(starts, base)
                 for j in range(reps)]
     t0 = time.time()
     sim = S.stack([r.params for r in T.train_plan(sgd_runs)])
     t_sim = time.time() - t0
     pred_runs = [S.dataclasses.replace(r, key=jax.random.fold_in(jax.random.fold_in(key, 10**6), s))
-                 for s, r in enumerate(base)]
+                 for s, r in zip(starts, base)]
     t0 = time.time()
     pred = {k: np.concatenate([p.params[k] for p in sgd_plan(pred_runs, paths=paths)]) for k in sim}
     t_pred = time.time() - t0
-    flow = S.unpack("flow_", store.load(method.name))
+    flow_all = S.unpack("flow_", store.load(method.name))
+    flow = {k: np.asarray(v)[starts] for k, v in flow_all.items()}
     curves = lambda p: task_curves(p, theta0, shots, cfg.noise, cfg.train.normalization)
-    return {"method": method.name, "batch": batch, "reps": reps, "paths": paths, "probe": PROBE,
+    k_sim, k_pred, c_sim, c_pred = family_member(sim), family_member(pred), curves(sim), curves(pred)
+    return {"method": method.name, "batch": batch, "reps": reps, "paths": paths, "probe": probe, "starts": starts,
             "dataset": dataset, "shots": list(map(int, shots)), "tasks": list(S.TASKS),
-            "sgd": {"kappa": _stats(family_member(sim)), "curves": _stats(curves(sim)), "seconds": t_sim},
-            "sgd_aware": {"kappa": _stats(family_member(pred)), "curves": _stats(curves(pred)), "seconds": t_pred},
+            "sgd": {"kappa": _stats(k_sim), "curves": _stats(c_sim), "seconds": t_sim},
+            "sgd_aware": {"kappa": _stats(k_pred), "curves": _stats(c_pred), "seconds": t_pred},
             "flow": {"kappa": _stats(family_member(flow)), "curves": _stats(curves(flow))},
+            "spread": {"kappa": spread_ratio(k_pred, k_sim, len(starts)),
+                       "curves": spread_ratio(c_pred, c_sim, len(starts))},
             "versions": versions()}
+
+
+def within_sd(x: np.ndarray, groups: int) -> np.ndarray:
+    """The pooled within-group sd (ddof 1 per group) over the leading axis, which holds `groups`
+    equal groups in order: the spread from one pretrained start, without the spread between starts."""
+    x = np.asarray(x, np.float64)
+    x = x.reshape(groups, len(x) // groups, *x.shape[1:])
+    return np.sqrt(x.var(axis=1, ddof=1).mean(axis=0))
+
+
+def spread_ratio(pred: np.ndarray, sim: np.ndarray, groups: int) -> dict:
+    """Predicted over simulated within-start sd (the spread criterion of issue #13), with the SE of
+    the ratio's logarithm from each side's sample fourth moments: Var(s^2) = (m4 - s^4 (n - 3) / (n - 1)) / n
+    per start, Var(log s) = Var(pooled s^2) / (4 s^4)."""
+
+    def log_sd_var(x):
+        x = np.asarray(x, np.float64)
+        x = x.reshape(groups, len(x) // groups, *x.shape[1:])
+        n = x.shape[1]
+        c = x - x.mean(axis=1, keepdims=True)
+        v = (c**2).sum(axis=1) / (n - 1)
+        m4 = (c**4).mean(axis=1)
+        var_v = np.maximum(m4 - v**2 * (n - 3) / (n - 1), 0.0) / n
+        pooled = v.mean(axis=0)
+        return var_v.sum(axis=0) / groups**2 / (4 * pooled**2)
+
+    sd_p, sd_s = within_sd(pred, groups), within_sd(sim, groups)
+    return {"pred_sd": sd_p.tolist(), "sim_sd": sd_s.tolist(), "ratio": (sd_p / sd_s).tolist(),
+            "log_ratio_se": np.sqrt(log_sd_var(pred) + log_sd_var(sim)).tolist()}
+
+
+def spread_line(point: dict) -> str:
+    """The within-start sd ratios (predicted / simulated, x/÷ exp(SE)) of kappa and the 20-shot errors."""
+    sp = point["spread"]
+    n = point["shots"].index(20) if 20 in point["shots"] else -1
+
+    def fmt(r, se):
+        return f"{r:.2f} (log SE {se:.2f})"
+
+    parts = [f"kappa {fmt(sp['kappa']['ratio'], sp['kappa']['log_ratio_se'])}"]
+    for t, task in enumerate(point["tasks"]):
+        parts.append(f"{point['shots'][n]}-shot {task} {fmt(sp['curves']['ratio'][t][n], sp['curves']['log_ratio_se'][t][n])}")
+    return "sd ratio (SGD-aware / SGD, within a start): " + "; ".join(parts)
 
 
 def gaps(point: dict) -> dict:
@@ -133,6 +186,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=positive(int), default=2, help="SGD runs per pretrained seed")
     p.add_argument("--paths", type=positive(int), default=4, help="SGD-aware prediction paths per pretrained seed")
     p.add_argument("--dataset", action="store_true", help="SGD draws theta0 prompts from the run's finite dataset")
+    p.add_argument("--probe", type=positive(int), default=256,
+                   help="the SGD-aware prediction's probe prompts per risk term and step (TrainConfig.probe)")
+    p.add_argument("--starts", type=non_negative(int), nargs="+", default=None,
+                   help="pretrained seeds to start from (default: all of the run's); the spread is within a start")
     p.add_argument("--shots", type=non_negative(int), nargs="+", default=[0, 1, 2, 5, 10, 20, 40],
                    help="shot counts compared")
     args = p.parse_args(argv)
@@ -145,17 +202,25 @@ def main(argv=None) -> int:
         if not (run / "pieces" / f"{m}.npz").is_file():
             p.error(f"--methods {m!r}: {str(run)!r} has no finished piece for it")
     cfg = S.StudyConfig.from_json(json.loads((run / "config.json").read_text())["config"])
+    bad = [s for s in args.starts or () if s >= cfg.seeds]
+    if bad:
+        p.error(f"--starts {bad}: the run has pretrained seeds 0..{cfg.seeds - 1}")
+    if min(args.reps, args.paths) < 2:
+        p.error(f"--reps {args.reps}, --paths {args.paths}: the spread within a start needs 2 or more of each")
     store = S.Store(run)
     out = run / "sgd_gap"
     out.mkdir(exist_ok=True)
     points = []
     for m in args.methods:
         for b in args.batches:
-            f = out / f"{m}_b{b}{'_data' if args.dataset else ''}.json"
+            tag = ("_data" if args.dataset else "") + (f"_k{args.probe}" if args.probe != 256 else "") + (
+                "_s" + "-".join(map(str, args.starts)) if args.starts else "")
+            f = out / f"{m}_b{b}{tag}.json"
             if f.is_file():
                 point = json.loads(f.read_text())
             else:
-                point = scan_point(cfg, store, S.METHOD_BY_NAME[m], b, args.reps, args.paths, args.shots, args.dataset)
+                point = scan_point(cfg, store, S.METHOD_BY_NAME[m], b, args.reps, args.paths, args.shots, args.dataset,
+                                   args.probe, args.starts)
                 f.write_text(json.dumps(point, indent=1))
             points.append(point)
             g = gaps(point)
@@ -166,6 +231,8 @@ def main(argv=None) -> int:
                   f"{g['sgd_aware_kappa']:+.1f} SE); curves max |gap| flow "
                   f"{np.abs(g['flow_curves']).max():.1f} SE, SGD-aware {np.abs(g['sgd_aware_curves']).max():.1f} SE",
                   flush=True)
+            if "spread" in point:
+                print("  " + spread_line(point), flush=True)
     draw(points, out / "flat_vs_batch.png")
     print(f"wrote {out / 'flat_vs_batch.png'}")
     return 0

@@ -112,6 +112,23 @@ def test_diffusion_jitter_of_value_only_zs_matches_the_closed_form():
     assert predicted > 4 * se
 
 
+def test_the_probe_size_is_a_setting_of_the_program():
+    """TrainConfig.probe keys the compiled program: in one process, probe 16 and 64 give different
+    paths, and asking for probe 16 again gives the first bit for bit."""
+    p = _start(3)
+
+    def end(probe):
+        run = _run(jax.random.PRNGKey(5), p, steps=20)
+        run = T.dataclasses.replace(run, cfg=T.dataclasses.replace(run.cfg, probe=probe))
+        return G.sgd_plan([run], paths=1)[0].params["V"]
+
+    a, b, again = end(16), end(64), end(16)
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, again)
+    with pytest.raises(ValueError, match="probe must be >= 1"):
+        T.TrainConfig(probe=0)
+
+
 def test_end_point_curves_and_refusals():
     p = _start(3)
     stacked = {k: np.stack([v, v]) for k, v in p.items()}

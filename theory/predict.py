@@ -52,6 +52,8 @@ def parser() -> Parser:
     p.add_argument("--momentum", type=non_negative(float), default=0.9, help="SGD momentum")
     p.add_argument("--clip", type=non_negative(float), default=1.0, help="global-norm clip over trainable leaves; 0: none")
     p.add_argument("--paths", type=positive(int), default=32, help="noise paths (the mean's SE is sd / sqrt(paths))")
+    p.add_argument("--probe", type=positive(int), default=256,
+                   help="probe prompts per risk term and step for the noise covariance (about 1000 at batch 500)")
     p.add_argument("--seed", type=non_negative(int), default=0, help="root seed of the noise paths")
     p.add_argument("--gradient-flow", action="store_true", help="the population gradient flow (no noise)")
     p.add_argument("--dataset", type=non_negative(int), default=None,
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--theta has {theta.size} entries; the parameters in {args.params!r} need d = {d}")
         opt = OptimizerConfig("sgd", args.momentum, args.clip or None)
         cfg = TrainConfig(steps=args.steps, batch=args.batch, d=d, noise=args.noise, normalization=norm,
-                          optimizer=opt, history=min(100, args.steps))
+                          optimizer=opt, history=min(100, args.steps), probe=args.probe)
         obj = ObjectiveConfig(m=args.m, n_ft=args.n_ft, schedule=args.schedule, aux_weight=args.aux_weight,
                               l2=args.l2, ref_params=params if args.objective == "zs_l2" else None)
         param_labels(params, args.subset)  # an unknown subset is refused before any work

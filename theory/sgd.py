@@ -10,7 +10,7 @@ term's value is
 
     R(theta) + sum_k z_k (e_k(theta) - R(theta)) / sqrt(B K),
 
-e_1..e_K the squared errors of K = PROBE fresh prompts and z_k independent standard normals, so its
+e_1..e_K the squared errors of K = TrainConfig.probe fresh prompts and z_k independent standard normals, so its
 gradient noise sum_k z_k (grad e_k - grad R) / sqrt(B K) has mean zero and covariance C / B at
 every step, for any objective, subset and model, and is Gaussian given the probe. Everything else is
 training's own: the engine runs it with the same optax optimizer (momentum, clipping), schedule and
@@ -20,8 +20,9 @@ population, as in the exact source (infinite-data model).
 
 The probe's covariance estimate fluctuates (a Gaussian scale mixture); per-prompt gradients are
 polynomials of degree 6 in Gaussians, heavy-tailed, so a small probe adds fourth-moment effects
-that SGD at batch B does not have. The end point depends on K until K is a few hundred
-(DERIVATIONS section 8 has the measurements); PROBE = 256.
+that SGD at batch B does not have. The end point depends on K until K is a few hundred at batch
+5000 and about a thousand at batch 500 (DERIVATIONS section 8 has the measurements); the default is
+256, part of the compiled program's key like every TrainConfig field.
 """
 
 from __future__ import annotations
@@ -40,19 +41,18 @@ from linattn.train import Run, TrainResult, train_plan
 from theory.risk import exact_source, task_curves
 from theory.solver import flow_plan
 
-PROBE = 256  # probe prompts per risk term and step (DERIVATIONS section 8: why not fewer)
-
 
 def diffusion_source(key, params, requests, cfg, ctx) -> dict:
     """The engine's diffusion source (linattn.train, source="diffusion"; module docstring): each
-    term is its exact risk R plus sum_k z_k (e_k - R) / sqrt(B K) over a probe of K = PROBE prompts
-    with squared errors e_k and independent standard-normal multipliers z_k, B = cfg.batch."""
+    term is its exact risk R plus sum_k z_k (e_k - R) / sqrt(B K) over a probe of K = cfg.probe
+    prompts with squared errors e_k and independent standard-normal multipliers z_k, B = cfg.batch."""
     exact = exact_source(key, params, requests, cfg, ctx)
-    errors = prompt_errors(jax.random.fold_in(key, 0), params, requests, dataclasses.replace(cfg, batch=PROBE), ctx)
-    scale = 1.0 / math.sqrt(cfg.batch * PROBE)
+    K = cfg.probe
+    errors = prompt_errors(jax.random.fold_in(key, 0), params, requests, dataclasses.replace(cfg, batch=K), ctx)
+    scale = 1.0 / math.sqrt(cfg.batch * K)
     out = {}
     for (m, shots, task), r in exact.items():
-        z = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 1), _term_index(shots, task)), (PROBE,), r.dtype)
+        z = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 1), _term_index(shots, task)), (K,), r.dtype)
         out[(m, shots, task)] = r + scale * jnp.dot(z, errors[(m, shots, task)].astype(r.dtype) - r)
     return out
 
