@@ -591,7 +591,7 @@ def sgd_aware_runs(cfg, cells, pre, ctx) -> list[T.Run]:
 
 def sgd_aware_arrays(cfg, cells, aware, theta0) -> dict:
     """{piece: {"sgd_aware": exact curves of the paths' end points, "history_sgd_aware": their
-    objective histories}} from stage D's results (cfg.sgd_paths per cell of `cells`, in order, as
+    objective histories, "sgd_probe": the probe size}} from stage D's results (cfg.sgd_paths per cell of `cells`, in order, as
     sgd_aware_runs makes them). Method pieces: (S * P, T, N) and (S * P, K); sweep pieces: (W, S' * P,
     T, N) and (W, S' * P, K), the weights in cfg.sweep_weights order."""
     ends: dict = {}
@@ -605,7 +605,7 @@ def sgd_aware_arrays(cfg, cells, aware, theta0) -> dict:
         if p.startswith("sweep_"):  # cells are weight-major (finetune_cells)
             w = len(cfg.sweep_weights)
             c, h = c.reshape((w, -1) + c.shape[1:]), h.reshape((w, -1) + h.shape[1:])
-        out[p] = {"sgd_aware": c, "history_sgd_aware": h}
+        out[p] = {"sgd_aware": c, "history_sgd_aware": h, "sgd_probe": np.asarray(cfg.sgd_probe)}
         if p == EARLY_BASE and rs[0].snapshots is not None:  # the paths' iterates at early_steps(cfg)
             snaps = stack([r.snapshots for r in rs])  # leaves (S * P, K, ...)
             k = next(iter(snaps.values())).shape[1]
@@ -616,13 +616,14 @@ def sgd_aware_arrays(cfg, cells, aware, theta0) -> dict:
 
 def backfill_sgd_aware(cfg, store, pieces: list[str], pre, ectx, theta0, devices=None) -> None:
     """Add the SGD-aware prediction (stage D) and the flow's objective history to method pieces
-    saved before the study had them (older run folders), without re-training anything."""
+    saved before the study had them (older run folders), or replace it where the piece's probe is
+    not cfg.sgd_probe, without re-training anything."""
     cells = finetune_cells(cfg, pieces)
     t0 = time.time()
     d_runs = sgd_aware_runs(cfg, cells, pre, ectx)
     log(f"stage D for {len(pieces)} earlier pieces ({', '.join(pieces)}): {len(d_runs)} SGD-aware prediction paths")
     progress = Progress(_work(d_runs))
-    aware = linear_results(planned(store, "D_backfill", d_runs, lambda r: T.train_plan(
+    aware = linear_results(planned(store, f"D{cfg.sgd_probe}_backfill", d_runs, lambda r: T.train_plan(
         r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r)))))
     methods = [c for c in cells if not c.piece.startswith("sweep_")]
     flows = flow_plan([finetune_run(cfg, c, pre, ectx, key=False) for c in methods], devices=devices) if methods else []
@@ -729,6 +730,14 @@ def run_wise(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
                           [interpolate(pre, flow, a) for a in WISE_ALPHAS], theta0)}
 
 
+PROBE_BEFORE = 256  # the probe of stage-D pieces saved before it was recorded (TrainConfig.probe's default)
+
+
+def stage_d_probe(piece: dict) -> int:
+    """The probe size of a piece's stage-D arrays."""
+    return int(piece.get("sgd_probe", PROBE_BEFORE))
+
+
 def early_sgd_aware(zs_piece: dict, pre_theory: np.ndarray) -> dict:
     """The SGD-aware prediction along early stopping's knob, {"sgd_aware": (A, S * P, T, N)}: the exact
     curves of stage D's paths at 0 (the pretrained weights' own curves, pre_theory (S, T, N)),
@@ -737,7 +746,8 @@ def early_sgd_aware(zs_piece: dict, pre_theory: np.ndarray) -> dict:
         return {}
     snaps, end = zs_piece["sgd_aware_snaps"], zs_piece["sgd_aware"]
     start = np.repeat(pre_theory, len(end) // len(pre_theory), axis=0)  # seed-major, as the paths
-    return {"sgd_aware": np.stack([start, *np.moveaxis(snaps, 1, 0), end])}
+    return {"sgd_aware": np.stack([start, *np.moveaxis(snaps, 1, 0), end]),
+            "sgd_probe": zs_piece.get("sgd_probe", np.asarray(PROBE_BEFORE))}
 
 
 def run_early(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
@@ -826,12 +836,15 @@ def _refuse_other_config(out: Path, cfg: StudyConfig) -> None:
                              "choose another --out or delete the folder")
 
 
+RESTAGED = ("sgd_probe",)  # settings a rerun applies by recomputing stage D of the pieces that differ
+
+
 def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
     """'field: saved -> new' for every (nested) field that differs; top-level study settings the
-    saved run predates (absent from its config.json) do not count."""
+    saved run predates (absent from its config.json), and RESTAGED ones, do not count."""
     out = []
     for k in new:
-        if k not in old and not prefix:  # a setting added since that run: pieces missing from it use it
+        if (k not in old or k in RESTAGED) and not prefix:  # pieces missing it, or with another, use the new one
             continue
         a, b = old.get(k), new[k]
         if isinstance(a, dict) and isinstance(b, dict):
@@ -898,7 +911,7 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         if not store.has(plan_name("C", plan_c)):
             T.precompile(plan_c, source="exact", devices=devices)
         plan_d = sgd_aware_runs(cfg, cells, like, ectx)
-        if plan_d and not store.has(plan_name("D", plan_d)):
+        if plan_d and not store.has(plan_name(f"D{cfg.sgd_probe}", plan_d)):
             T.precompile(plan_d, source="diffusion", devices=devices)
 
     # A. pretraining
@@ -929,7 +942,7 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         front = list(zip(flow_runs[len(cells):], flows[len(cells):]))
         t3 = time.time()
         d_runs = sgd_aware_runs(cfg, cells, pre, ectx)
-        aware = linear_results(planned(store, "D", d_runs, lambda r: T.train_plan(
+        aware = linear_results(planned(store, f"D{cfg.sgd_probe}", d_runs, lambda r: T.train_plan(
             r, source="diffusion", devices=devices, on_progress=progress.stage("stage D", _units(r))))) if d_runs else []
         if d_runs:
             log(f"stage D: {len(d_runs)} SGD-aware prediction paths in {time.time() - t3:.0f} s")
@@ -938,9 +951,10 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         log(f"evaluation and exact curves of {len(todo_ft)} pieces in {time.time() - t2:.0f} s")
         for p, arrays in pieces.items():
             save(p, arrays, t0)
-    def lacks_stage_d(p: str) -> bool:  # saved before stage D, or before its paths kept early stopping's iterates
+    def lacks_stage_d(p: str) -> bool:  # saved before stage D, with another probe, or before early stopping's iterates
         z = store.load(p)
-        return "sgd_aware" not in z or (p == EARLY_BASE and bool(ft_config(cfg).snapshots) and "sgd_aware_snaps" not in z)
+        return ("sgd_aware" not in z or stage_d_probe(z) != cfg.sgd_probe
+                or (p == EARLY_BASE and bool(ft_config(cfg).snapshots) and "sgd_aware_snaps" not in z))
 
     old = [p for p in ft_names if cfg.sgd_paths and p not in todo_ft and lacks_stage_d(p)]
     if old:
@@ -957,7 +971,9 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
         save("early_zs_all", run_early(cfg, pre["merged"], store.load("zs_all"), theta0), t0)
     else:  # made before stage D kept the paths' iterates: add their prediction, nothing re-evaluated
         early = store.load("early_zs_all")
-        added = {} if "sgd_aware" in early else early_sgd_aware(store.load(EARLY_BASE), early["theory"][0])
+        base = store.load(EARLY_BASE)
+        fresh = "sgd_aware" in early and stage_d_probe(early) == stage_d_probe(base)
+        added = {} if fresh else early_sgd_aware(base, early["theory"][0])
         if added:
             store.save("early_zs_all", {**early, **added})
     for f in store.dir.glob(".plan_*.npz"):  # every piece built from them is saved
@@ -1082,6 +1098,7 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
             "subset": m.subset if m else "all",
             "label": m.label if m else "pretrained",
             "train_eval_seconds": float(piece["seconds"]),
+            "sgd_probe": stage_d_probe(piece) if "sgd_aware" in piece else None,
         }
         methods[name]["agreement"] = {t: agreement(c) for t, c in methods[name]["curves"].items()}
         timing[name] = float(piece["seconds"])
@@ -1096,6 +1113,7 @@ def assemble(cfg, out: Path, store: Store, theta0) -> dict:
         piece = store.load(f"sweep_{n}")
         sweeps[n] = {"weights": piece["weights"].tolist(), "frontier_weights": piece["frontier_weights"].tolist(),
                      "curves": {}, "agreement": {},
+                     "sgd_probe": stage_d_probe(piece) if "sgd_aware" in piece else None,
                      "frontier_theory": {t: piece["frontier_theory"][:, i].tolist() for i, t in enumerate(TASKS)}}
         for w, lam in enumerate(piece["weights"].tolist()):
             curves = curves_json(cfg, {k: piece[k][w] for k in ("sim_mean", "sim_se", "theory", "theory_optimum", "sgd_aware")

@@ -322,9 +322,10 @@ def test_findings_on_the_committed_full_run_simulation():
 
 def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_run, tmp_path):
     """A copy of the tiny run whose pieces and config.json lack the SGD-aware prediction (as run
-    folders made before it): a rerun adds it to every method and sweep piece, training nothing, with the
-    numbers of the run that computed it directly (to float64 rounding: the two group their
-    programs differently, which reorders sums)."""
+    folders made before it), or hold one made with another probe size (zeroed here, and the folder's
+    config says that probe): a rerun recomputes it for every method and sweep piece, training nothing,
+    with the numbers of the run that computed it directly (to float64 rounding: the two group their
+    programs differently, which reorders sums), and records its probe."""
     import shutil
 
     out, _, _, _ = tiny_run
@@ -333,15 +334,22 @@ def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_r
     cfg_file = old / "config.json"
     saved = json.loads(cfg_file.read_text())
     del saved["config"]["sgd_paths"]
+    saved["config"]["sgd_probe"] = 64
     cfg_file.write_text(json.dumps(saved))
     store = S.Store(old)
-    methods = [p.stem for p in (old / "pieces").glob("[!.]*.npz") if "sgd_aware" in store.load(p.stem)]
+    methods = sorted(p.stem for p in (old / "pieces").glob("[!.]*.npz") if "sgd_aware" in store.load(p.stem))
     assert {"zs_all", "sweep_ewc_all", "early_zs_all"} <= set(methods)
-    for m in methods:
-        store.save(m, {k: v for k, v in store.load(m).items() if k not in ("sgd_aware", "history_sgd_aware")})
-    S.run_study(TINY, old, figures=False)
+    for i, m in enumerate(methods):
+        z = store.load(m)
+        if i % 2:  # another probe's prediction
+            store.save(m, {**z, "sgd_aware": np.zeros_like(z["sgd_aware"]), "sgd_probe": np.asarray(64)})
+        else:
+            store.save(m, {k: v for k, v in z.items() if k not in ("sgd_aware", "history_sgd_aware", "sgd_probe")})
+    res = S.run_study(TINY, old, figures=False)
+    assert res["methods"]["zs_all"]["sgd_probe"] == res["sweeps"]["ewc_all"]["sgd_probe"] == TINY.sgd_probe
     for m in methods:
         a, b = S.Store(out).load(m), store.load(m)
+        assert int(b["sgd_probe"]) == TINY.sgd_probe
         np.testing.assert_allclose(b["sgd_aware"], a["sgd_aware"], rtol=1e-9)
         for k in {"history_sgd_aware", "sgd_aware_snaps"} & set(a):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-9)
