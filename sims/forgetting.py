@@ -839,16 +839,20 @@ def _refuse_other_config(out: Path, cfg: StudyConfig) -> None:
 RESTAGED = ("sgd_probe",)  # settings a rerun applies by recomputing stage D of the pieces that differ
 
 
-def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
+def _config_diff(old: dict, new: dict, prefix="", default: dict | None = None) -> list[str]:
     """'field: saved -> new' for every (nested) field that differs; top-level study settings the
-    saved run predates (absent from its config.json), and RESTAGED ones, do not count."""
+    saved run predates (absent from its config.json), nested ones it predates left at their
+    default, and RESTAGED ones, do not count."""
+    default = StudyConfig().to_json() if default is None else default
     out = []
     for k in new:
         if (k not in old or k in RESTAGED) and not prefix:  # pieces missing it, or with another, use the new one
             continue
+        if k not in old and new[k] == default.get(k):  # a library setting added since, at its default
+            continue
         a, b = old.get(k), new[k]
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{k}.")
+            out += _config_diff(a, b, f"{prefix}{k}.", default.get(k) or {})
         elif a != b:
             out.append(f"{prefix}{k}: {a} in the folder, {b} now")
     return out

@@ -333,7 +333,7 @@ def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_r
     shutil.copytree(out, old)
     cfg_file = old / "config.json"
     saved = json.loads(cfg_file.read_text())
-    del saved["config"]["sgd_paths"]
+    del saved["config"]["sgd_paths"], saved["config"]["train"]["probe"]
     saved["config"]["sgd_probe"] = 64
     cfg_file.write_text(json.dumps(saved))
     store = S.Store(old)
