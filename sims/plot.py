@@ -576,7 +576,8 @@ worst case over the shot counts n = 0..{max_shots}.
 - **prediction**: what predicts the trained weights (issue #13). *sgd-aware*: the SGD-aware prediction at
   the run's batch (theory.sgd: the population gradient flow with the training optimizer from each seed's
   pretrained weights plus minibatch noise of the model's own gradient covariance, several paths per seed;
-  the study's stage D, for methods, sweeps and early stopping's iterates). *gradient flow*: that flow
+  the study's stage D, for methods, sweeps and early stopping's iterates; K: its probe prompts per risk
+  term and step, --sgd-probe). *gradient flow*: that flow
   without noise (WiSE-FT, LoRA's rank curve). *closed form*: the pretraining optimum.
 - **max abs(sim - prediction) / SE** and **within 4 SE**: the same Monte Carlo error against the exact
   risk of the *predicted* weights, in SEs combining the simulation's (Monte Carlo and seed spread) and,
@@ -596,15 +597,18 @@ def agreement_table(res) -> str:
              "| method | task | prediction | max abs(sim - theory) / SE_mc | max abs(sim - prediction) / SE | within 4 SE "
              "| at n | max rel. gap to prediction | gradient flow: max / SE |",
              "|---|---|---|---|---|---|---|---|---|"]
-    rows = [(name, m["agreement"]) for name, m in res["methods"].items()]
-    rows += [(f"{name} at λ = {lam}", a) for name, sw in res["sweeps"].items() for lam, a in sw.get("agreement", {}).items()]
-    rows += [(f"{lab} at {knob} = {v}", a) for kind, (_, knob, lab) in TRACED.items()
+    rows = [(name, m["agreement"], m.get("sgd_probe")) for name, m in res["methods"].items()]
+    rows += [(f"{name} at λ = {lam}", a, sw.get("sgd_probe")) for name, sw in res["sweeps"].items()
+             for lam, a in sw.get("agreement", {}).items()]
+    rows += [(f"{lab} at {knob} = {v}", a, None) for kind, (_, knob, lab) in TRACED.items()
              for tr in res.get(kind, {}).values() for v, a in tr["agreement"].items()]
-    rows += [(f"pretrained, d = {d}", p["agreement"]) for d, p in res.get("pretrain_d", {}).items()]
-    for name, agree in rows:
+    rows += [(f"pretrained, d = {d}", p["agreement"], None) for d, p in res.get("pretrain_d", {}).items()]
+    for name, agree, probe in rows:
         for task, a in agree.items():
             nan = float("nan")
-            lines.append(f"| {name} | {task} | {a.get('prediction') or '–'} | {a['sim_vs_theory_max_se']:.2f}"
+            pred = a.get("prediction") or "–"
+            pred += f" (K = {probe})" if probe and pred == "sgd-aware" else ""
+            lines.append(f"| {name} | {task} | {pred} | {a['sim_vs_theory_max_se']:.2f}"
                          f" | {a.get('sim_vs_optimum_max_se', nan):.2f} | {100 * a.get('sim_vs_optimum_within_4se', nan):.0f}%"
                          f" | {a.get('sim_vs_optimum_worst_shot', '')} | {100 * a.get('sim_vs_optimum_max_rel', nan):.1f}%"
                          + (f" | {a['sim_vs_flow_max_se']:.2f} |" if "sim_vs_flow_max_se" in a else " | – |"))
