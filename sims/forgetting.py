@@ -611,6 +611,8 @@ def sgd_aware_arrays(cfg, cells, aware, theta0) -> dict:
             k = next(iter(snaps.values())).shape[1]
             sc = theory_models(cfg, {f"{i}": {n: v[:, i] for n, v in snaps.items()} for i in range(k)}, theta0)
             out[p]["sgd_aware_snaps"] = np.stack([sc[f"{i}"] for i in range(k)], axis=1)  # (S * P, K, T, N)
+        if p == EARLY_BASE:  # the paths' end points, which WiSE-FT interpolates (wise_sgd_aware)
+            out[p].update(pack("sgd_aware_p_", stack([r.params for r in rs])))
     return out
 
 
@@ -702,7 +704,7 @@ def run_families(cfg, pre_params: dict, zs_flow: dict, zsfs_v_flow: dict, theta0
             "zsfs_v_flow_omega": g * w}
 
 
-EARLY_BASE = "zs_all"  # the method early stopping traces (run_early); its stage-D paths keep their iterates
+EARLY_BASE = "zs_all"  # the method early stopping and WiSE-FT trace; its stage-D paths keep their iterates and ends
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT weights along pretrained -> ZS (all)
 
 
@@ -721,13 +723,29 @@ def knob_curves(cfg, models: list, flows: list, theta0) -> dict:
 
 def run_wise(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
     """WiSE-FT (linattn.params.interpolate) from each seed's pretrained weights to its full ZS
-    fine-tuning (zs_all), at WISE_ALPHAS (knob_curves): the interpolated SGD end points, and the
-    interpolation to the seed's gradient-flow end point as the prediction."""
+    fine-tuning (zs_all), at WISE_ALPHAS (knob_curves): the interpolated SGD end points, the
+    interpolation to the seed's gradient-flow end point, and where the piece has stage D's path end
+    points the SGD-aware prediction (wise_sgd_aware)."""
     f64 = lambda t: {k: np.asarray(v, np.float64) for k, v in t.items()}  # noqa: E731
     sgd, flow, pre = f64(unpack("p_", zs_piece)), f64(unpack("flow_", zs_piece)), f64(pre_params)
     return {"alphas": np.asarray(WISE_ALPHAS, np.float64),
             **knob_curves(cfg, [interpolate(pre, sgd, a) for a in WISE_ALPHAS],
-                          [interpolate(pre, flow, a) for a in WISE_ALPHAS], theta0)}
+                          [interpolate(pre, flow, a) for a in WISE_ALPHAS], theta0),
+            **wise_sgd_aware(cfg, pre_params, zs_piece, theta0)}
+
+
+def wise_sgd_aware(cfg, pre_params: dict, zs_piece: dict, theta0) -> dict:
+    """The SGD-aware prediction along WiSE-FT's knob, {"sgd_aware": (A, S * P, T, N), "sgd_probe"}: the
+    exact curves of the interpolations from each seed's pretrained weights to each of its stage-D
+    path end points; {} if the piece holds no path end points."""
+    if "sgd_aware_p_V" not in zs_piece:
+        return {}
+    ends = {k: np.asarray(v, np.float64) for k, v in unpack("sgd_aware_p_", zs_piece).items()}
+    reps = len(ends["V"]) // len(pre_params["V"])  # seed-major paths
+    pre = {k: np.repeat(np.asarray(v, np.float64), reps, axis=0) for k, v in pre_params.items()}
+    curves = theory_models(cfg, {f"{i}": interpolate(pre, ends, a) for i, a in enumerate(WISE_ALPHAS)}, theta0)
+    return {"sgd_aware": np.stack([curves[f"{i}"] for i in range(len(WISE_ALPHAS))]),
+            "sgd_probe": np.asarray(stage_d_probe(zs_piece))}
 
 
 PROBE_BEFORE = 256  # the probe of stage-D pieces saved before it was recorded (TrainConfig.probe's default)
@@ -958,7 +976,8 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     def lacks_stage_d(p: str) -> bool:  # saved before stage D, with another probe, or before early stopping's iterates
         z = store.load(p)
         return ("sgd_aware" not in z or stage_d_probe(z) != cfg.sgd_probe
-                or (p == EARLY_BASE and bool(ft_config(cfg).snapshots) and "sgd_aware_snaps" not in z))
+                or (p == EARLY_BASE and (bool(ft_config(cfg).snapshots) and "sgd_aware_snaps" not in z
+                                         or "sgd_aware_p_V" not in z)))
 
     old = [p for p in ft_names if cfg.sgd_paths and p not in todo_ft and lacks_stage_d(p)]
     if old:
@@ -970,6 +989,12 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     if not store.has("wise_zs_all"):
         t0 = time.time()
         save("wise_zs_all", run_wise(cfg, pre["merged"], store.load("zs_all"), theta0), t0)
+    else:  # made before stage D kept the paths' end points, or with another probe: add their prediction
+        wise, base = store.load("wise_zs_all"), store.load(EARLY_BASE)
+        if "sgd_aware" not in wise or stage_d_probe(wise) != stage_d_probe(base):
+            added = wise_sgd_aware(cfg, pre["merged"], base, theta0)
+            if added:
+                store.save("wise_zs_all", {**wise, **added})
     if not store.has("early_zs_all"):
         t0 = time.time()
         save("early_zs_all", run_early(cfg, pre["merged"], store.load("zs_all"), theta0), t0)

@@ -98,8 +98,12 @@ def test_results_json_layout(tiny_run):
                                    rtol=1e-6)
         np.testing.assert_allclose(wise["curves"]["1"][task]["theory"], res["methods"]["zs_all"]["curves"][task]["theory"],
                                    rtol=1e-6)
-        np.testing.assert_allclose(wise["curves"]["1"][task]["theory_optimum"],  # WiSE-FT's prediction: the flow's
-                                   res["methods"]["zs_all"]["curves"][task]["theory_flow"], rtol=1e-6)
+        for a, want in (("1", res["methods"]["zs_all"]["curves"][task]),  # WiSE-FT's prediction: stage D's paths
+                        ("0", res["methods"]["pretrained"]["curves"][task])):
+            c = wise["curves"][a][task]
+            assert c["prediction"] == "sgd-aware"
+            np.testing.assert_allclose(c["theory_optimum"], want["theory_optimum" if a == "1" else "theory"], rtol=1e-6)
+            np.testing.assert_allclose(c["theory_flow"], want["theory_flow" if a == "1" else "theory"], rtol=1e-6)
     early = res["early"]["zs_all"]  # early stopping: step 0 is the pretrained model, the last step zs_all
     for t, curves in early["curves"].items():  # the SGD-aware prediction along the knob: stage D's path iterates
         for task, c in curves.items():
