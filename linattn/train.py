@@ -490,6 +490,36 @@ def _execute(prep: dict, compiled, on_progress: Optional[Callable], where: tuple
     return out
 
 
+def compile_profile(runs: Sequence[Run], *, source: str = "mc", devices=None, layout: str = "auto",
+                    chunk: int = 1000) -> list[dict]:
+    """Where a plan's fixed cost goes, one program (group) at a time: its slots R and method columns
+    M, its StableHLO size, and the wall and CPU seconds of tracing, lowering to StableHLO and XLA
+    compilation. Nothing is cached, so every call measures a cold compilation (sims.benchmark
+    --compile-profile)."""
+    def cpu():
+        t = os.times()
+        return t.user + t.system
+
+    out = []
+    with _x64(source != "mc"):
+        for prep in _prepare_all(runs, source, devices, layout, chunk):
+            clock = [(time.perf_counter(), cpu())]
+            traced = prep["run"].trace(*prep["args"], _steps(prep, 0))
+            clock.append((time.perf_counter(), cpu()))
+            lowered = traced.lower()
+            clock.append((time.perf_counter(), cpu()))
+            lowered.compile()
+            clock.append((time.perf_counter(), cpu()))
+            R, M = prep["group"].cells.shape
+            rec = {"source": source, "slots": int(R), "columns": int(M), "runs": int((prep["group"].cells >= 0).sum()),
+                   "stablehlo_lines": lowered.as_text().count("\n")}
+            for i, phase in enumerate(("trace", "lower", "compile")):
+                rec[f"{phase}_wall_s"] = clock[i + 1][0] - clock[i][0]
+                rec[f"{phase}_cpu_s"] = clock[i + 1][1] - clock[i][1]
+            out.append(rec)
+    return out
+
+
 def train_plan(runs: Sequence[Run], *, source: str = "mc", devices=None, layout: str = "auto", chunk: int = 1000,
                check: bool = True, on_progress: Optional[Callable] = None) -> list[TrainResult]:
     """Train every run of the plan; results in the order of `runs` (host numpy arrays).

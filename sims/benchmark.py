@@ -2,6 +2,7 @@
 
     python -m sims.benchmark --workload reference --steps 1000      # what issue #8 times
     python -m sims.benchmark --workload reference --profile         # + where a step's time goes
+    python -m sims.benchmark --compile-profile quick                # the study's programs, compiled cold
 
 Workloads (SPEC section 3 settings: d = 5, sigma^2 = 0.1, SGD momentum 0.9, lr 0.01, clip 1.0),
 the settings of the paper's regression/comparison.py:
@@ -17,6 +18,11 @@ in sims.forgetting, with the engine's defaults: every local device (one per core
 layout it picks. --devices and --layout override them. Wall and CPU seconds are reported per phase
 (compilation included: a user pays it), with the CPU model and load average; every run is appended
 to --record (default runs/benchmarks.jsonl) with its command and package versions.
+
+--compile-profile PRESET measures the fixed cost instead: the programs that `python -m
+sims.forgetting --PRESET` compiles for its stages (A pretraining, B fine-tuning, C gradient flows,
+D SGD-aware paths), each compiled cold, one at a time (linattn.train.compile_profile), with their
+columns, slots, StableHLO size and the wall and CPU seconds of tracing, lowering and compilation.
 """
 
 from __future__ import annotations
@@ -127,6 +133,35 @@ def run(args) -> dict:
     return out
 
 
+def study_compile_profile(preset: str) -> list[dict]:
+    """linattn.train.compile_profile of each stage plan of sims.forgetting at a preset, built from
+    starting parameters of the right shapes as the study's own precompilation does."""
+    from linattn import train as T
+    from sims import forgetting as F
+
+    cfg = F.PRESETS[preset]
+    theta0 = F.theta0_of(cfg)
+    pre_names, ft_names = F.piece_names(cfg)
+    cells = F.finetune_cells(cfg, ft_names)
+    like = {m: F.pretrained_like(cfg, m) for m in ("merged", "separate")}
+    ctx = T.TaskContext(theta0=jnp.asarray(theta0, jnp.float32), dataset=F.finetune_data(cfg, theta0))
+    ectx = T.TaskContext(theta0=np.asarray(theta0))
+    stages = {"A": (F.pretrain_runs(cfg, pre_names), "mc"),
+              "B": ([F.finetune_run(cfg, c, like, ctx) for c in cells], "mc"),
+              "C": ([F.finetune_run(cfg, c, like, ectx, key=False) for c in cells]
+                    + F.frontier_runs(cfg, ft_names, like, ectx), "exact"),
+              "D": (F.sgd_aware_runs(cfg, cells, like, ectx), "diffusion")}
+    out = []
+    for stage, (runs, source) in stages.items():
+        for i, rec in enumerate(T.compile_profile(runs, source=source) if runs else []):
+            out.append({"stage": stage, "program": i, **rec})
+            print(f"  stage {stage} program {i} ({source}): {rec['runs']} runs, {rec['slots']} slots x "
+                  f"{rec['columns']} columns, {rec['stablehlo_lines']} StableHLO lines; " + ", ".join(
+                      f"{ph} {rec[ph + '_wall_s']:.1f} s (cpu {rec[ph + '_cpu_s']:.1f})"
+                      for ph in ("trace", "lower", "compile")), flush=True)
+    return out
+
+
 def _best_ms(fn, *a, reps=20) -> float:
     jax.block_until_ready(fn(*a))
     best = float("inf")
@@ -206,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=positive(), default=250_000, help="prompts per point (paper: 5 test seeds x 50,000)")
     ap.add_argument("--seed", type=non_negative(), default=0)
     ap.add_argument("--profile", action="store_true", help="time one step's pieces and the sampling floor")
+    ap.add_argument("--compile-profile", choices=("quick", "full"), default=None,
+                    help="instead of a workload: compile the programs of python -m sims.forgetting --quick or --full")
     ap.add_argument("--json", default=None, help="also write this run's record here")
     ap.add_argument("--record", default="runs/benchmarks.jsonl", help="append the record to this file")
     args = ap.parse_args(argv)
@@ -215,7 +252,13 @@ def main(argv=None) -> int:
 
     load0 = os.getloadavg()
     w0, c0 = time.perf_counter(), _cpu_seconds()
-    out = run(args)
+    if args.compile_profile:
+        print(f"compile profile of sims.forgetting --{args.compile_profile}; load avg {load0[0]:.2f}")
+        out = {"compile_profile": study_compile_profile(args.compile_profile), "preset": args.compile_profile}
+        out["total_compile_cpu_s"] = sum(r[p + "_cpu_s"] for r in out["compile_profile"]
+                                         for p in ("trace", "lower", "compile"))
+    else:
+        out = run(args)
     out["wall_s"] = time.perf_counter() - w0
     out["cpu_s"] = _cpu_seconds() - c0
     out["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
@@ -226,10 +269,14 @@ def main(argv=None) -> int:
     if args.profile:
         out["profile_ms"] = profile(args)
     dev = out["versions"]["device"]
-    print(f"workload {out['workload']}: steps {out['steps']}, batch {out['batch']}; {dev['cpu']}, "
-          f"{dev['cores']} cores, {dev['local_device_count']} {dev['backend']} devices; load avg {load0[0]:.2f}")
+    what = (f"compile profile --{out['preset']}" if args.compile_profile
+            else f"workload {out['workload']}: steps {out['steps']}, batch {out['batch']}")
+    print(f"{what}; {dev['cpu']}, {dev['cores']} cores, {dev['local_device_count']} {dev['backend']} devices; "
+          f"load avg {load0[0]:.2f}")
     print(f"  wall {out['wall_s']:.2f} s (cpu {out['cpu_s']:.2f} s)  " +
-          "  ".join(f"{k} {v:.2f} s" for k, v in out["phases_wall_s"].items()))
+          "  ".join(f"{k} {v:.2f} s" for k, v in out.get("phases_wall_s", {}).items()))
+    if args.compile_profile:
+        print(f"  trace + lower + compile, summed over programs: cpu {out['total_compile_cpu_s']:.1f} s")
     print(f"  peak memory {out['peak_memory']}")
     for name, ms in out.get("profile_ms", {}).items():
         print(f"  profile {name}: {ms:.3g}")

@@ -98,6 +98,7 @@ CASES = [
     ("theory.bench", ["--d", "0"], ["--d", "'0'", "> 0"]),
     ("theory.bench", ["--heads", "x"], ["--heads", "'x'", "integer"]),
     ("sims.benchmark", ["--workload", "nope"], ["'nope'", "choose from"]),
+    ("sims.benchmark", ["--compile-profile", "medium"], ["'medium'", "choose from"]),
     ("sims.benchmark", ["--steps", "0"], ["--steps", "'0'", "> 0"]),
     ("sims.benchmark", ["--lr", "-0.5"], ["--lr", "'-0.5'", "> 0"]),
     ("sims.benchmark", ["--lr", "nan"], ["--lr", "'nan'", "> 0"]),

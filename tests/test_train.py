@@ -288,6 +288,18 @@ def test_precompile_fills_the_cache_that_train_plan_reads():
         T.precompile([T.Run(jax.random.PRNGKey(0), p0, ctx, "zs", "v", -1.0, cfg=cfg)])
 
 
+def test_compile_profile_measures_each_program_cold():
+    """One record per group (two configs: two programs) with its shape; the executable cache is untouched."""
+    ctx, p0 = _ft_setup()
+    cfgs = [T.TrainConfig(steps=3, batch=16, d=3, history=3), T.TrainConfig(steps=3, batch=24, d=3, history=3)]
+    runs = [T.Run(jax.random.PRNGKey(s), p0, ctx, o, "v", 0.02, cfg=c) for c in cfgs for s in range(2) for o in ("zs", "zsfs")]
+    cached = len(T._EXECUTABLES)
+    recs = T.compile_profile(runs, devices=1)
+    assert len(T._EXECUTABLES) == cached
+    assert [(r["slots"], r["columns"], r["runs"]) for r in recs] == [(2, 2, 4), (2, 2, 4)]
+    assert all(r["stablehlo_lines"] > 0 and r["compile_wall_s"] > 0 and r["trace_cpu_s"] >= 0 for r in recs)
+
+
 def test_runs_of_one_objective_with_and_without_per_run_data_split_into_columns():
     """A curvature given to one zs run and not to another: two columns, each equal to its own run."""
     ctx, p0 = _ft_setup()
