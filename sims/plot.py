@@ -117,9 +117,13 @@ def _tidy_log_axes(fig) -> None:
 
 
 def save(fig, out: Path, name: str) -> None:
+    """NAME.png and NAME.pdf cropped to one tight bounding box, computed once for both (each
+    bbox_inches="tight" costs a full extra draw: a quarter of the figures' time)."""
     _tidy_log_axes(fig)
-    fig.savefig(out / f"{name}.png", dpi=130, bbox_inches="tight")
-    fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
+    fig.set_dpi(130)  # the PNG's resolution, at which the box is measured
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
+    fig.savefig(out / f"{name}.png", dpi=130, bbox_inches=box)
+    fig.savefig(out / f"{name}.pdf", bbox_inches=box)
     plt.close(fig)
 
 
