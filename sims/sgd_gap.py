@@ -11,7 +11,7 @@ the same weights: the gradient flow (the run's piece) and the SGD-aware predicti
 three test tasks; means, their SE and the spread over runs. The spread criterion compares the sd
 within one pretrained start (--starts 0 --reps 32 --paths 32: many runs from one start), predicted
 over simulated, with the bootstrap SE of the ratio's logarithm. Results per (method, batch) in
-RUN_DIR/sgd_gap/METHOD_bB[_kPROBE][_sSTARTS].json (a rerun skips finished ones), the figure
+RUN_DIR/sgd_gap/METHOD_bB[_kPROBE][_sSTARTS][_rR].json (--replicate R: the point again on an independent key stream) (a rerun skips finished ones), the figure
 RUN_DIR/sgd_gap/flat_vs_batch.png.
 """
 
@@ -42,9 +42,10 @@ def _stats(x: np.ndarray) -> dict:
 
 
 def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dataset: bool, probe: int = 256,
-               starts=None) -> dict:
+               starts=None, replicate: int = 0) -> dict:
     """SGD, its SGD-aware prediction and the gradient flow of one method at one batch size, from the
-    pretrained seeds `starts` (None: all of the run's)."""
+    pretrained seeds `starts` (None: all of the run's). `replicate` R > 0 draws both sides from the
+    independent key stream fold_in(key, 10^7 R): the same point again, with none of the same randomness."""
     pre = S.unpack("p_", store.load(f"pretrain_{method.model}"))
     starts = list(range(cfg.seeds)) if starts is None else [int(s) for s in starts]
     theta0 = S.theta0_of(cfg)
@@ -52,6 +53,8 @@ def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dat
     sub = S.dataclasses.replace(cfg, train=S.dataclasses.replace(cfg.train, batch=batch, probe=probe))
     base = [S.finetune_run(sub, S.Cell(method.name, method, s, 1.0), {method.model: pre}, ctx) for s in starts]
     key = S.key_for(cfg, "sgd_gap", batch)
+    if replicate:
+        key = jax.random.fold_in(key, 10**7 * replicate)
     sgd_runs = [S.dataclasses.replace(r, key=jax.random.fold_in(key, s * reps + j)) for s, r in zip(starts, base)
                 for j in range(reps)]
     t0 = time.time()
@@ -67,7 +70,7 @@ def scan_point(cfg, store, method, batch: int, reps: int, paths: int, shots, dat
     curves = lambda p: task_curves(p, theta0, shots, cfg.noise, cfg.train.normalization)
     k_sim, k_pred, c_sim, c_pred = family_member(sim), family_member(pred), curves(sim), curves(pred)
     return {"method": method.name, "batch": batch, "reps": reps, "paths": paths, "probe": probe, "starts": starts,
-            "dataset": dataset, "shots": list(map(int, shots)), "tasks": list(S.TASKS),
+            "replicate": replicate, "dataset": dataset, "shots": list(map(int, shots)), "tasks": list(S.TASKS),
             "sgd": {"kappa": _stats(k_sim), "curves": _stats(c_sim), "seconds": t_sim},
             "sgd_aware": {"kappa": _stats(k_pred), "curves": _stats(c_pred), "seconds": t_pred},
             "flow": {"kappa": _stats(family_member(flow)), "curves": _stats(curves(flow))},
@@ -190,6 +193,8 @@ def main(argv=None) -> int:
                    help="the SGD-aware prediction's probe prompts per risk term and step (TrainConfig.probe)")
     p.add_argument("--starts", type=non_negative(int), nargs="+", default=None,
                    help="pretrained seeds to start from (default: all of the run's); the spread is within a start")
+    p.add_argument("--replicate", type=non_negative(int), default=0,
+                   help="0: the point's own keys; R > 0: an independent replicate on key stream R (files *_rR.json)")
     p.add_argument("--shots", type=non_negative(int), nargs="+", default=[0, 1, 2, 5, 10, 20, 40],
                    help="shot counts compared")
     args = p.parse_args(argv)
@@ -214,13 +219,14 @@ def main(argv=None) -> int:
     for m in args.methods:
         for b in args.batches:
             tag = ("_data" if args.dataset else "") + (f"_k{args.probe}" if args.probe != 256 else "") + (
-                "_s" + "-".join(map(str, args.starts)) if args.starts else "")
+                "_s" + "-".join(map(str, args.starts)) if args.starts else "") + (
+                f"_r{args.replicate}" if args.replicate else "")
             f = out / f"{m}_b{b}{tag}.json"
             if f.is_file():
                 point = json.loads(f.read_text())
             else:
                 point = scan_point(cfg, store, S.METHOD_BY_NAME[m], b, args.reps, args.paths, args.shots, args.dataset,
-                                   args.probe, args.starts)
+                                   args.probe, args.starts, args.replicate)
                 f.write_text(json.dumps(point, indent=1))
             points.append(point)
             g = gaps(point)

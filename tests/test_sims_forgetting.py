@@ -359,3 +359,33 @@ def test_a_folder_made_before_stage_d_gains_the_same_sgd_aware_prediction(tiny_r
             np.testing.assert_allclose(b[k], a[k], rtol=1e-9)
         for k in {"p_V", "sim_mean"} & set(a):  # nothing trained or evaluated again (sweeps keep no weights)
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_sgd_gap_replicate_is_the_same_point_on_an_independent_key_stream(tiny_run, tmp_path):
+    """sims.sgd_gap --replicate 1 (issue #13's check of a doubtful spread point): the same start, method
+    and batch on other keys, so other end points; its own file; a rerun of it reads that file, and
+    scan_point with the same replicate reproduces it bit for bit."""
+    import shutil
+
+    from sims import sgd_gap as G
+
+    out, _, _, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    argv = [str(run), "--methods", "zs_all", "--batches", "64", "--starts", "0", "--reps", "2", "--paths", "2",
+            "--shots", "0", "20"]
+    assert G.main(argv) == G.main(argv + ["--replicate", "1"]) == 0
+    first, rep = (json.loads((run / "sgd_gap" / f"zs_all_b64_s0{t}.json").read_text()) for t in ("", "_r1"))
+    assert (first["replicate"], rep["replicate"]) == (0, 1)
+    for side in ("sgd", "sgd_aware"):
+        assert first[side]["kappa"]["mean"] != rep[side]["kappa"]["mean"]
+        assert first[side]["curves"]["mean"] != rep[side]["curves"]["mean"]
+    assert first["flow"] == rep["flow"]
+    mtime = (run / "sgd_gap" / "zs_all_b64_s0_r1.json").stat().st_mtime_ns
+    assert G.main(argv + ["--replicate", "1"]) == 0
+    assert (run / "sgd_gap" / "zs_all_b64_s0_r1.json").stat().st_mtime_ns == mtime
+    cfg = S.StudyConfig.from_json(json.loads((run / "config.json").read_text())["config"])
+    again = G.scan_point(cfg, S.Store(run), S.METHOD_BY_NAME["zs_all"], 64, 2, 2, [0, 20], False, starts=[0],
+                         replicate=1)
+    for side in ("sgd", "sgd_aware"):
+        assert again[side]["kappa"] == rep[side]["kappa"] and again[side]["curves"] == rep[side]["curves"]
