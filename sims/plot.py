@@ -120,9 +120,10 @@ def save(fig, out: Path, name: str) -> None:
     """NAME.png and NAME.pdf cropped to one tight bounding box, computed once for both (each
     bbox_inches="tight" costs a full extra draw: a quarter of the figures' time)."""
     _tidy_log_axes(fig)
-    fig.set_dpi(130)  # the PNG's resolution, at which the box is measured
+    dpi = 130  # the PNG's resolution, at which the box is measured
+    fig.set_dpi(dpi)
     box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
-    fig.savefig(out / f"{name}.png", dpi=130, bbox_inches=box)
+    fig.savefig(out / f"{name}.png", dpi=dpi, bbox_inches=box)
     fig.savefig(out / f"{name}.pdf", bbox_inches=box)
     plt.close(fig)
 

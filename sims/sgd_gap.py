@@ -10,8 +10,9 @@ the same weights: the gradient flow (the run's piece) and the SGD-aware predicti
 (linattn.params.family_member) and the exact test error of every end point (no Monte Carlo) on the
 three test tasks; means, their SE and the spread over runs. The spread criterion compares the sd
 within one pretrained start (--starts 0 --reps 32 --paths 32: many runs from one start), predicted
-over simulated, with the bootstrap SE of the ratio's logarithm. Results per (method, batch) in
-RUN_DIR/sgd_gap/METHOD_bB[_kPROBE][_sSTARTS][_rR].json (--replicate R: the point again on an independent key stream) (a rerun skips finished ones), the figure
+over simulated, with the bootstrap SE of the ratio's logarithm; --replicate R runs the point again
+on an independent key stream. Results per (method, batch) in
+RUN_DIR/sgd_gap/METHOD_bB[_kPROBE][_sSTARTS][_rR].json (a rerun skips finished ones), the figure
 RUN_DIR/sgd_gap/flat_vs_batch.png.
 """
 
@@ -216,11 +217,11 @@ def main(argv=None) -> int:
     out = run / "sgd_gap"
     out.mkdir(exist_ok=True)
     points = []
+    tag = ("_data" if args.dataset else "") + (f"_k{args.probe}" if args.probe != 256 else "") + (
+        "_s" + "-".join(map(str, args.starts)) if args.starts else "") + (
+        f"_r{args.replicate}" if args.replicate else "")
     for m in args.methods:
         for b in args.batches:
-            tag = ("_data" if args.dataset else "") + (f"_k{args.probe}" if args.probe != 256 else "") + (
-                "_s" + "-".join(map(str, args.starts)) if args.starts else "") + (
-                f"_r{args.replicate}" if args.replicate else "")
             f = out / f"{m}_b{b}{tag}.json"
             if f.is_file():
                 point = json.loads(f.read_text())
