@@ -10,9 +10,12 @@ labels y = theta . x + eps with eps ~ N(0, noise), `noise` being the variance si
 
 Two prompt samplers give the same distribution of the one-layer prediction:
 - tokens (`sample_prompts`): the (B, N, D) prompt itself, for any model;
-- stats (`sample_prompt_stats`): the query token and S = sum of z z^T over all N tokens, which is
-  all a one-layer model reads (linattn.model.predict_from_stats), drawn at a cost independent of
-  n: the demonstration sum is Gaussian and the centred scatter matrix is Wishart (Bartlett).
+- stats (`sample_packed_stats`): the query token and S = sum of z z^T over all N tokens, which is
+  all a one-layer model reads (linattn.model.predict_many_from_packed), drawn at a cost independent
+  of n: the demonstration sum is Gaussian and the centred scatter matrix is Wishart (Bartlett).
+  S comes packed (its upper triangle); sample_prompt_stats gives it as a (B, D, D) matrix.
+The fine-tuning dataset's prompts have both forms too: sample_from_dataset (tokens) and
+sample_dataset_stats (the same prompts' statistics, from per-example moments).
 """
 
 from __future__ import annotations
@@ -183,50 +186,34 @@ def sample_chi2(key, dof, dtype=jnp.float32) -> jax.Array:
     return 2.0 * sample_gamma(key, jnp.asarray(dof, dtype) / 2.0, dtype)
 
 
-def _bmm(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Batched product of small matrices (..., i, k) (..., k, j) as a broadcast sum.
+class PackedStats(NamedTuple):
+    """PromptStats with S packed (linattn.model.pack: the entries S_jk, j <= k, row by row): what
+    training reads, without (B, D, D) arrays, whose small trailing axes are slow on CPU."""
 
-    On CPU, XLA's batched dot for 6 x 6 blocks is about 3x slower than this fused elementwise form.
-    """
-    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
-
-
-def _tril_from(values: jax.Array, p: int) -> jax.Array:
-    """(..., p(p-1)/2) -> (..., p, p) strictly lower-triangular matrices."""
-    rows, cols = np.tril_indices(p, -1)
-    flat = np.full(p * p, values.shape[-1], np.int32)  # index of an appended zero
-    flat[rows * p + cols] = np.arange(rows.size)
-    padded = jnp.concatenate([values, jnp.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
-    return padded[..., flat].reshape(values.shape[:-1] + (p, p))
+    zq: jax.Array  # (B, D) query token (1, x_q, 0)
+    Sp: jax.Array  # (B, D(D+1)/2) packed sum of z z^T over the n demonstrations and the query
+    y: jax.Array  # (B,) the query's true label
 
 
-def _bartlett(key, k, p: int, batch: int, dtype, off=None) -> jax.Array:
-    """Lower-triangular B with B B^T ~ Wishart_p(I, k), any k >= 0 (traced allowed).
-
-    Column j exists only for j < k (rank min(k, p)); B_jj^2 ~ chi^2(k - j), below-diagonal N(0, 1).
-    `off` optionally supplies the (batch, p(p-1)/2) below-diagonal normals (drawn here if None).
-    """
-    k_diag, k_off = jax.random.split(key)
-    j = jnp.arange(p)
-    live = j < k
-    dof = jnp.where(live, k - j, 2).astype(dtype)
-    chi2 = sample_chi2(k_diag, jnp.broadcast_to(dof, (batch, p)), dtype)
-    diag = jnp.where(live[None, :], jnp.sqrt(chi2), 0.0)
-    if off is None:
-        off = _normal(k_off, (batch, p * (p - 1) // 2), dtype)
-    low = jnp.where(live[None, None, :], _tril_from(off, p), 0.0)
-    return low + diag[:, :, None] * jnp.eye(p, dtype=dtype)[None]
+def _with_query(demos: jax.Array, xq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(zq, packed S) from the demonstrations' packed sum of z z^T (B, D(D+1)/2) and the query's
+    covariates xq (B, d): S adds zq zq^T, zq = (1, x_q, 0)."""
+    batch, d = xq.shape
+    zq = jnp.concatenate([jnp.ones((batch, 1), xq.dtype), xq, jnp.zeros((batch, 1), xq.dtype)], axis=1)
+    j, k = np.triu_indices(d + 2)
+    return zq, demos + zq[:, j] * zq[:, k]
 
 
-def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float = 0.1,
-                        cov_factor=None, dtype=jnp.float32) -> PromptStats:
-    """Sufficient statistics of B prompts, exact in distribution, cost independent of n.
+def sample_packed_stats(key, n, batch: int, d: int, task="sphere", noise: float = 0.1,
+                        cov_factor=None, dtype=jnp.float32) -> PackedStats:
+    """Sufficient statistics of B prompts, exact in distribution, cost independent of n; S packed.
 
     Demonstrations u = (x, y) ~ N(0, C) with C = A A^T, A = [[L, 0], [theta^T L, sigma]].
     Their sum s ~ sqrt(n) A g and their scatter sum u u^T = s s^T / n + A W A^T with
-    W ~ Wishart(I, n - 1) independent of s (Bartlett: p chi-squares, p(p-1)/2 normals).
-    About 3 d + d^2/2 + 8 draws per prompt against (n + 1)(d + 1) for the tokens.
-    `n` may be a traced integer.
+    W = Bw Bw^T ~ Wishart(I, n - 1) independent of s; Bw is Bartlett's lower-triangular factor
+    (B_jj^2 ~ chi^2(n - 1 - j), below the diagonal N(0, 1); column j exists only for j < n - 1), so
+    A W A^T = sum_c (A Bw_c)(A Bw_c)^T over Bw's columns. About 3 d + d^2/2 + 8 draws per prompt
+    against (n + 1)(d + 1) for the tokens. `n` may be a traced integer.
     """
     check_shots(n)
     k_task, k_g, k_w = jax.random.split(key, 3)
@@ -234,26 +221,39 @@ def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float 
     theta = sample_tasks(k_task, batch, d, task, dtype)
     g = _normal(k_g, (batch, d + 1 + p + p * (p - 1) // 2), dtype)
     gq, geps, gs, off = g[:, :d], g[:, d], g[:, d + 1 : d + 1 + p], g[:, d + 1 + p :]
-    xq = gq if cov_factor is None else gq @ jnp.asarray(cov_factor, dtype).T
+    L = None if cov_factor is None else jnp.asarray(cov_factor, dtype)
+    Lmul = (lambda v: v) if L is None else (lambda v: v @ L.T)  # rows of covariates: x = L g_x
+    thL = theta if L is None else theta @ L  # (B, d)
     sig = jnp.sqrt(jnp.asarray(noise, dtype))
-    yq = jnp.einsum("bd,bd->b", xq, theta) + sig * geps
-    # A g and A Bw through A's blocks (no (B, p, p) copy of A): the x rows are L g_x, the label row
-    # theta^T L g_x + sigma g_y; with L = I (cov_factor None) the x rows are g_x itself.
-    Lmul = (lambda v: v) if cov_factor is None else (lambda v: jnp.einsum("ij,bj...->bi...", jnp.asarray(cov_factor, dtype), v))
-    thL = theta if cov_factor is None else theta @ jnp.asarray(cov_factor, dtype)  # (B, d)
+    xq = Lmul(gq)
+    yq = jnp.sum(xq * theta, axis=-1) + sig * geps
+    A = lambda v: jnp.concatenate([Lmul(v[:, :d]), (jnp.sum(thL * v[:, :d], axis=-1) + sig * v[:, d])[:, None]], axis=1)
     nf = jnp.asarray(n, dtype)
-    sx = Lmul(gs[:, :d])
-    s = jnp.sqrt(nf) * jnp.concatenate([sx, (jnp.sum(thL * gs[:, :d], axis=-1) + sig * gs[:, d])[:, None]], axis=1)
-    Bw = _bartlett(k_w, jnp.asarray(n) - 1, p, batch, dtype, off=off)
-    ABx = Lmul(Bw[:, :d, :])  # (B, d, p)
-    ABy = jnp.sum(thL[:, :, None] * Bw[:, :d, :], axis=1) + sig * Bw[:, d, :]  # (B, p)
-    AB = jnp.concatenate([ABx, ABy[:, None, :]], axis=1)
-    U = s[:, :, None] * s[:, None, :] / jnp.maximum(nf, 1.0) + _bmm(AB, jnp.swapaxes(AB, -1, -2))
-    zq = jnp.concatenate([jnp.ones((batch, 1), dtype), xq, jnp.zeros((batch, 1), dtype)], axis=-1)
-    head = jnp.concatenate([jnp.broadcast_to(nf, (batch, 1, 1)), s[:, None, :]], axis=2)
-    rest = jnp.concatenate([s[:, :, None], U], axis=2)
-    S = jnp.concatenate([head, rest], axis=1) + zq[:, :, None] * zq[:, None, :]
-    return PromptStats(zq, S, yq)
+    s = jnp.sqrt(nf) * A(gs)
+    live = jnp.arange(p) < jnp.asarray(n) - 1
+    dof = jnp.where(live, jnp.asarray(n) - 1 - jnp.arange(p), 2).astype(dtype)
+    diag = jnp.sqrt(sample_chi2(k_w, jnp.broadcast_to(dof, (batch, p)), dtype))
+    j, k = np.triu_indices(p)
+    Up = s[:, j] * s[:, k] / jnp.maximum(nf, 1.0)
+    first = 0  # `off` holds Bw's below-diagonal entries column by column
+    for c in range(p):
+        below = off[:, first : first + p - 1 - c]
+        first += p - 1 - c
+        col = jnp.concatenate([jnp.zeros((batch, c), dtype), diag[:, c : c + 1], below], axis=1)
+        ab = jnp.where(live[c], A(col), 0.0)
+        Up = Up + ab[:, j] * ab[:, k]
+    head = jnp.broadcast_to(nf, (batch, 1))  # [[n, s^T], [s, U]] packed row by row
+    zq, Sp = _with_query(jnp.concatenate([head, s, Up], axis=1), xq)
+    return PackedStats(zq, Sp, yq)
+
+
+def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float = 0.1,
+                        cov_factor=None, dtype=jnp.float32) -> PromptStats:
+    """sample_packed_stats with S unpacked to (B, D, D)."""
+    from linattn.model import unpack
+
+    zq, Sp, y = sample_packed_stats(key, n, batch, d, task, noise, cov_factor, dtype)
+    return PromptStats(zq, unpack(Sp, d + 2), y)
 
 
 def prompt_stats(Z: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -266,6 +266,7 @@ class FineTuneData(NamedTuple):
 
     x: jax.Array  # (M, d)
     y: jax.Array  # (M,)
+    moments: jax.Array  # (M, D(D+1)/2) dataset_moments(x, y): what prompts' statistics sum
 
 
 def make_finetune_dataset(key, theta0, size: int = 100_000, noise: float = 0.1, cov_factor=None,
@@ -278,7 +279,8 @@ def make_finetune_dataset(key, theta0, size: int = 100_000, noise: float = 0.1, 
         raise ValueError(f"fine-tuning dataset size must be >= 1; got {size}")
     k_x, k_eps = jax.random.split(key)
     x = sample_covariates(k_x, (size,), theta0.shape[0], cov_factor, dtype)
-    return FineTuneData(x, x @ theta0 + jnp.sqrt(noise) * _normal(k_eps, (size,), dtype))
+    y = x @ theta0 + jnp.sqrt(noise) * _normal(k_eps, (size,), dtype)
+    return FineTuneData(x, y, dataset_moments(x, y))
 
 
 def sample_from_dataset(key, data: FineTuneData, n: int, batch: int) -> Prompts:
@@ -287,6 +289,27 @@ def sample_from_dataset(key, data: FineTuneData, n: int, batch: int) -> Prompts:
     idx = _flat(jax.random.randint, key, (batch, n + 1), 0, data.x.shape[0])
     x, y = data.x[idx], data.y[idx]
     return Prompts(build_prompt(x, y), y[:, -1])
+
+
+def dataset_moments(x: jax.Array, y: jax.Array) -> jax.Array:
+    """(M, D(D+1)/2) per example: pack(z z^T) (linattn.model.pack) of its token z = (1, x, y);
+    the packed S of an n-shot prompt from the dataset sums n of these rows and the query's."""
+    z = jnp.concatenate([jnp.ones_like(y)[:, None], x, y[:, None]], axis=1)
+    j, k = np.triu_indices(z.shape[1])
+    return z[:, j] * z[:, k]
+
+
+def sample_dataset_stats(key, data: FineTuneData, n: int, batch: int) -> PackedStats:
+    """The statistics of sample_from_dataset(key, data, n, batch), the same examples, S packed:
+    the demonstrations' rows of data.moments summed one demonstration at a time; the n-shot sum
+    costs n gathers of D(D+1)/2 numbers per prompt."""
+    n = int(check_shots(n)[0])
+    idx = _flat(jax.random.randint, key, (batch, n + 1), 0, data.x.shape[0])
+    demos = jnp.zeros((batch, data.moments.shape[1]), data.moments.dtype)
+    for i in range(n):
+        demos = demos + data.moments[idx[:, i]]
+    zq, Sp = _with_query(demos, data.x[idx[:, n]])
+    return PackedStats(zq, Sp, data.y[idx[:, n]])
 
 
 def draws_per_prompt(sampler: str, n: int, d: int) -> int:
@@ -300,5 +323,5 @@ def draws_per_prompt(sampler: str, n: int, d: int) -> int:
 
 # name -> prompt sampler(key, n, batch, d, task, noise, cov_factor, dtype); read by training
 # (linattn.minibatch) and evaluation (linattn.evaluate). "tokens" returns Prompts (any model),
-# "stats" PromptStats (one-layer models; cost independent of n).
-SAMPLERS = {"tokens": sample_prompts, "stats": sample_prompt_stats}
+# "stats" PackedStats (one-layer models; cost independent of n; sample_prompt_stats unpacks them).
+SAMPLERS = {"tokens": sample_prompts, "stats": sample_packed_stats}

@@ -26,7 +26,7 @@ import numpy as np
 
 from linattn import data as D
 from linattn.minibatch import resolve_sampler
-from linattn.model import predict_many_from_stats, predict_prefixes
+from linattn.model import predict_many_from_packed, predict_prefixes
 from linattn.models import dtype_of, effective_tree, is_stacked, model_of
 from linattn.objectives import task_spec
 
@@ -58,8 +58,8 @@ def _chunk_errors(params, key, shots, nmax: int, b: int, d: int, task, noise, co
     models = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(M)]
     if sampler == "stats":
         def at(n):
-            zq, S, y = D.sample_prompt_stats(jax.random.fold_in(key, n), n, b, d, task, noise, cov_factor, dtype)
-            pred = predict_many_from_stats(models, zq, S, n, normalization=normalization).astype(dtype)
+            zq, Sp, y = D.SAMPLERS["stats"](jax.random.fold_in(key, n), n, b, d, task, noise, cov_factor, dtype)
+            pred = predict_many_from_packed(models, zq, Sp, n, normalization=normalization).astype(dtype)
             return _errors(pred, y[:, None])
         return jax.lax.map(at, shots)
     Z, y = D.sample_nested_prompts(key, nmax, b, d, task, noise, cov_factor, dtype)

@@ -7,8 +7,9 @@ requested term {(method, shots, task source): value}; `prompt_errors` the B squa
 averages. Each (shots, task source) pair draws its B
 prompts once, from the key fold_in(fold_in(key, shots), source index), so every method of a
 program sees the same prompts (common random numbers). One-layer models read the prompts through
-their statistics (zq, S) (linattn.model.predict_many_from_stats: two matrix products shared by
-the M methods), drawn directly by the statistics sampler where that pays (resolve_sampler).
+their statistics (zq, S), with S packed (linattn.model.predict_many_from_packed: one matrix product
+for the M methods), drawn directly by the statistics sampler where that pays (resolve_sampler),
+and for the fine-tuning dataset by summing per-example moments (linattn.data.sample_dataset_stats).
 Deeper models and other registered models (linattn.models: the softmax transformer) read the
 tokens themselves through their model's predict.
 The exact counterpart with the same signature is theory.risk.exact_source.
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from linattn import data as D
-from linattn.model import outer_sum, predict_many_from_stats
+from linattn.model import packed_outer_sum, predict_many_from_packed
 from linattn.models import dtype_of, effective_tree, model_of
 from linattn.objectives import TASK_SOURCES, task_spec
 
@@ -52,17 +53,21 @@ def resolve_sampler(name: str, one_layer: bool, saved_per_prompt: int = None, pr
 
 
 def _draw(key, shots: int, task: str, cfg, ctx, dtype, sampler: str, tokens: bool):
-    """(zq, S, Z or None, y) of cfg.batch prompts of one task source."""
+    """(zq, packed S, Z or None, y) of cfg.batch prompts of one task source (Z: the tokens, drawn
+    only when a deeper model reads them)."""
     if task == "target" and ctx.dataset is not None:
+        if not tokens:
+            zq, Sp, y = D.sample_dataset_stats(key, ctx.dataset, shots, cfg.batch)
+            return zq.astype(dtype), Sp.astype(dtype), None, y.astype(dtype)
         Z, y = D.sample_from_dataset(key, ctx.dataset, shots, cfg.batch)
         Z = Z.astype(dtype)
-        return Z[:, -1], outer_sum(Z), Z, y.astype(dtype)
+        return Z[:, -1], packed_outer_sum(Z), Z, y.astype(dtype)
     args = (key, shots, cfg.batch, cfg.d, task_spec(task, ctx.theta0, cfg.tasks), cfg.noise, ctx.cov_factor, dtype)
     if sampler == "stats" and not tokens:
-        zq, S, y = D.SAMPLERS["stats"](*args)
-        return zq, S, None, y
+        zq, Sp, y = D.SAMPLERS["stats"](*args)
+        return zq, Sp, None, y
     Z, y = D.SAMPLERS["tokens"](*args)
-    return Z[:, -1], outer_sum(Z), Z, y
+    return Z[:, -1], packed_outer_sum(Z), Z, y
 
 
 def monte_carlo(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -> dict:
@@ -93,11 +98,11 @@ def prompt_errors(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -
         sampler = resolve_sampler(cfg.sampler, one_layer, saved, cfg.steps * cfg.batch)
         k = jax.random.fold_in(jax.random.fold_in(key, shots), list(TASK_SOURCES).index(task))
         deep = [m for m in ms if not model_of(params[m]).one_layer(params[m])]
-        zq, S, Z, y = _draw(k, shots, task, cfg, ctx, dtype, sampler, tokens=bool(deep))
+        zq, Sp, Z, y = _draw(k, shots, task, cfg, ctx, dtype, sampler, tokens=bool(deep))
         flat = [m for m in ms if m not in deep]
         for heads in sorted({params[m]["V"].shape[1] for m in flat}):
             same = [m for m in flat if params[m]["V"].shape[1] == heads]
-            pred = predict_many_from_stats([params[m] for m in same], zq, S, shots, normalization=cfg.normalization)
+            pred = predict_many_from_packed([params[m] for m in same], zq, Sp, shots, normalization=cfg.normalization)
             err = (pred.astype(dtype) - y[:, None]) ** 2
             out.update({(m, shots, task): err[:, j] for j, m in enumerate(same)})
         for m in deep:

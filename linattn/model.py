@@ -87,38 +87,46 @@ def predict_from_stats(params: Mapping, zq: jax.Array, S: jax.Array, n, *, norma
     """One-layer query prediction from the prompt's sufficient statistics.
 
     y_hat = norm(n) * (1/H) sum_h zq^T KQ_h S v_h, with S = sum over all N tokens (query
-    included) of z z^T. zq (..., D), S (..., D, D), n broadcastable to zq.shape[:-1].
+    included) of z z^T. zq (..., D) is the query token (its label entry zero), S (..., D, D),
+    n broadcastable to zq.shape[:-1].
     """
     check_params(params)
     return predict_many_from_stats([params], zq, S, n, normalization=normalization)[..., 0]
 
 
-def _stacked_one_layer(params: Sequence[Mapping], what: str):
-    """(KQ (M, H, D, D), value rows (M, H, D)) of M one-layer trees; ValueError for deeper ones."""
+def _check_one_layer(params: Sequence[Mapping], what: str) -> None:
     for p in params:
         if p["V"].shape[0] != 1:
             raise ValueError(f"{what} is for one-layer models; these parameters have {p['V'].shape[0]} layers")
+
+
+def _stacked_one_layer(params: Sequence[Mapping], what: str):
+    """(KQ (M, H, D, D), value rows (M, H, D)) of M one-layer trees; ValueError for deeper ones."""
+    _check_one_layer(params, what)
     return jnp.stack([effective_kq(p)[0] for p in params]), jnp.stack([value_row(p)[0] for p in params])
 
 
 def predict_many_from_stats(params: Sequence[Mapping], zq: jax.Array, S: jax.Array, n, *,
                             normalization: str = "tokens"):
-    """predict_from_stats of M one-layer models (same heads and d) on the same prompts: (..., M).
+    """predict_from_stats of M one-layer models (same heads and d) on the same prompts: (..., M);
+    predict_many_from_packed of the packed S."""
+    return predict_many_from_packed(params, zq, pack(S), n, normalization=normalization)
 
-    Few models (M <= FEATURES_FROM): zq against every KQ_h and S against every v_h, about 2 D^2
-    multiply-adds per prompt and model. More models: the prompt's features zq_i S_jk, built once,
-    times one coefficient column per model (one matrix product; _features, _coefficients), which
-    XLA runs faster on CPU for many models (measured at d = 5: 3.5 ms against 9.6 ms for the
-    loss and gradient of 17 models at 5000 prompts; 0.9 ms against 1.7 ms for one model).
+
+def predict_many_from_packed(params: Sequence[Mapping], zq: jax.Array, Sp: jax.Array, n, *,
+                             normalization: str = "tokens"):
+    """predict_from_stats of M one-layer models on packed statistics Sp = pack(S): (..., M).
+
+    The prediction is linear in the products zq_i S_jk (i < D - 1, j <= k), with coefficients
+    c_m[i, jk] per model (_coefficients): Sp is contracted with every model's coefficients first
+    (one matrix product for all M models), then with zq. On CPU this beats building the products
+    and the (..., D, D) forms (BENCHMARKS.md: loss and gradient with the fine-tuning dataset's
+    20-shot prompts drawn in the same program, 5000 prompts, d = 5: 1.6 ms for 1 model, 3.4 ms for 29).
     """
-    kq, v = _stacked_one_layer(params, "predict_from_stats")
-    if len(params) > FEATURES_FROM and zq.ndim == 2:
-        C = jnp.stack([_coefficients(p) for p in params], axis=1)  # (F, M)
-        y = _features(zq, S) @ C
-        return jnp.broadcast_to(jnp.expand_dims(norm_factor(n, normalization), -1), y.shape) * y
-    u = jnp.einsum("...i,mhij->...mhj", zq, kq)
-    Sv = jnp.einsum("...jk,mhk->...mhj", S, v)
-    y = jnp.mean(jnp.sum(u * Sv, axis=-1), axis=-1)
+    _check_one_layer(params, "predict_from_stats")
+    C = jnp.stack([_coefficients(p) for p in params], axis=-1)  # (i jk, M)
+    C = C.reshape(zq.shape[-1] - 1, Sp.shape[-1], len(params))
+    y = jnp.einsum("...im,...i->...m", jnp.einsum("...t,itm->...im", Sp, C), zq[..., :-1])
     return jnp.broadcast_to(jnp.expand_dims(norm_factor(n, normalization), -1), y.shape) * y
 
 
@@ -153,31 +161,43 @@ def predict(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=N
     top = {k: v[-1:] for k, v in params.items()}
     S = jnp.einsum("...ni,...nj->...ij", Z, Z)
     zq = Z[..., -1, :]
-    # Residual: the query's own label entry (zero in one layer) carries through.
-    return zq[..., -1] + predict_from_stats(top, zq, S, n, normalization=normalization)
+    # The query row's label entry, (1/H) sum_h zq^T KQ_h S v_h, in full: below the top layer the
+    # query's label entry is no longer zero (predict_from_stats assumes it is). Residual: it carries through.
+    y = jnp.mean(jnp.einsum("...i,hij,...jk,hk->...h", zq, effective_kq(top)[0], S, value_row(top)[0]), axis=-1)
+    return zq[..., -1] + norm_factor(n, normalization) * y
 
 
-def outer_sum(Z: jax.Array) -> jax.Array:
-    """S = sum_n z_n z_n^T of prompts (..., N, D), as a fused broadcast sum (faster on CPU than a
-    batched dot of 7 x 21 blocks); the same numbers as linattn.data.prompt_stats up to rounding."""
-    return jnp.sum(Z[..., :, :, None] * Z[..., :, None, :], axis=-3)
+def packed_outer_sum(Z: jax.Array) -> jax.Array:
+    """pack(sum_n z_n z_n^T) of prompts (..., N, D): (..., D(D+1)/2), as a fused product and sum
+    (the (..., D, D) forms are slow on CPU for small D)."""
+    j, k = _triu(Z.shape[-1])
+    return jnp.sum(Z[..., j] * Z[..., k], axis=-2)
 
 
-FEATURES_FROM = 3  # predict_many_from_stats switches to the feature form above this many models
+def _triu(D: int) -> tuple:
+    return np.triu_indices(D)
 
 
-def _features(zq: jax.Array, S: jax.Array) -> jax.Array:
-    """(B, (D-1) * D(D+1)/2) features zq_i S_jk (i < D-1, j <= k): the query's label entry
-    zq_{D-1} is zero (SPEC section 2), so its features are dropped."""
-    iu = np.triu_indices(S.shape[-1])
-    return (zq[:, :-1, None] * S[:, None, iu[0], iu[1]]).reshape(zq.shape[0], -1)
+def pack(S: jax.Array) -> jax.Array:
+    """(..., D, D) symmetric -> (..., D(D+1)/2): the entries S_jk, j <= k, row by row."""
+    j, k = _triu(S.shape[-1])
+    return S[..., j, k]
+
+
+def unpack(Sp: jax.Array, D: int) -> jax.Array:
+    """The inverse of pack: (..., D(D+1)/2) -> (..., D, D) symmetric."""
+    j, k = _triu(D)
+    idx = np.zeros((D, D), np.int32)
+    idx[j, k] = idx[k, j] = np.arange(j.size)
+    return Sp[..., idx.reshape(-1)].reshape(Sp.shape[:-1] + (D, D))
 
 
 def _coefficients(params: Mapping) -> jax.Array:
-    """c with _features(zq, S) @ c = (1/H) sum_h zq^T KQ_h S v_h for symmetric S (one layer)."""
+    """c with sum_{i < D-1, j <= k} c[i, jk] zq_i S_jk = (1/H) sum_h zq^T KQ_h S v_h for symmetric S
+    and a query token zq (its label entry zq_{D-1} is zero, so it has no coefficients; one layer)."""
     kq, v = effective_kq(params)[0], value_row(params)[0]
     t3 = jnp.mean(kq[:, :, :, None] * v[:, None, None, :], axis=0)  # (D, D, D): i, j, k
     t3 = t3 + jnp.swapaxes(t3, 1, 2)
-    iu = np.triu_indices(t3.shape[-1])
+    iu = _triu(t3.shape[-1])
     half = np.where(iu[0] == iu[1], 0.5, 1.0).astype(t3.dtype)
     return (t3[:-1, iu[0], iu[1]] * half[None, :]).reshape(-1)

@@ -15,7 +15,7 @@ import pytest
 
 from linattn import data as D
 from linattn import evaluate
-from linattn.model import predict, predict_from_stats, predict_many_from_stats
+from linattn.model import pack, packed_outer_sum, predict, predict_from_stats, predict_many_from_stats, unpack
 from linattn.params import init_params
 
 D_COV = 4
@@ -134,12 +134,42 @@ def test_second_evaluation_calls_do_not_recompile():
 
 @pytest.mark.parametrize("merged,heads,normalization", [(False, 1, "tokens"), (True, 2, "shots"), (False, 3, "tokens")])
 def test_many_model_prediction_equals_the_token_model(merged, heads, normalization):
-    """predict_many_from_stats (the form training and evaluation use) equals linattn.model.predict
+    """predict_many_from_stats (predict_many_from_packed, the form training and evaluation use) equals linattn.model.predict
     on the very prompts, model by model."""
-    ps = [init_params(jax.random.PRNGKey(5 + i), D_COV, merged=merged, heads=heads, std=0.4) for i in range(3)]
+    ps = [init_params(jax.random.PRNGKey(5 + i), D_COV, merged=merged, heads=heads, std=0.4) for i in range(5)]
     for n in (0, 1, 7):
         Z, _ = D.sample_prompts(jax.random.PRNGKey(n), n, 50, D_COV)
         got = predict_many_from_stats(ps, Z[:, -1], jnp.einsum("bni,bnj->bij", Z, Z), n, normalization=normalization)
         for m, p in enumerate(ps):
             want = predict(p, Z, normalization=normalization)
             np.testing.assert_allclose(got[:, m], want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 20])
+def test_dataset_stats_are_the_statistics_of_the_dataset_prompts(n):
+    """sample_dataset_stats (what training reads) gives the packed statistics of the very prompts
+    sample_from_dataset draws with the same key: the same query and label, S up to rounding."""
+    theta0 = jnp.asarray(_task("theta"), jnp.float32)
+    ds = D.make_finetune_dataset(jax.random.PRNGKey(7), theta0, 1000, 0.1)
+    key = jax.random.PRNGKey(8 + n)
+    st = D.sample_dataset_stats(key, ds, n, 300)
+    tk = D.sample_from_dataset(key, ds, n, 300)
+    zq, S = D.prompt_stats(tk.Z)
+    np.testing.assert_array_equal(st.zq, zq)
+    np.testing.assert_array_equal(st.y, tk.y)
+    np.testing.assert_allclose(st.Sp, pack(S), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_and_matrix_statistics_are_one_form():
+    """pack and unpack are inverse; packed_outer_sum is pack of the token prompts' S; the (B, D, D)
+    statistics sampler is the packed one unpacked, draw for draw."""
+    Z, _ = D.sample_prompts(jax.random.PRNGKey(0), 6, 40, D_COV)
+    zq, S = D.prompt_stats(Z)
+    np.testing.assert_allclose(packed_outer_sum(Z), pack(S), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(unpack(pack(S), D_COV + 2), (S + jnp.swapaxes(S, -1, -2)) / 2)
+    key = jax.random.PRNGKey(1)
+    full, packed = D.sample_prompt_stats(key, 9, 30, D_COV), D.sample_packed_stats(key, 9, 30, D_COV)
+    np.testing.assert_array_equal(full.zq, packed.zq)
+    np.testing.assert_array_equal(full.y, packed.y)
+    np.testing.assert_array_equal(pack(full.S), packed.Sp)
+    np.testing.assert_array_equal(full.S, jnp.swapaxes(full.S, -1, -2))
