@@ -80,13 +80,14 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     snapshots: tuple = ()  # steps s (1..steps) after which the parameters are also returned (early stopping)
     probe: int = 256  # the "diffusion" source's probe prompts per risk term and step (theory.sgd); others ignore it
+    shards: int = 1  # set by the engine, not by users: the minibatch is split over this many devices, batch each
 
     def __post_init__(self):
         if self.sampler != "auto" and self.sampler not in D.SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} unknown; allowed: {sorted(D.SAMPLERS)} or 'auto'")
         if self.tasks not in D.TASK_KINDS:
             raise ValueError(f"tasks {self.tasks!r} unknown; allowed: {list(D.TASK_KINDS)}")
-        for name in ("steps", "batch", "d", "history", "probe"):
+        for name in ("steps", "batch", "d", "history", "probe", "shards"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.noise < 0:
@@ -326,7 +327,7 @@ def _programs(group: Group, source: str, layout: str, devices: tuple, chunk: int
         return _PROGRAMS[sig]
     cfg = group.cfg
     n_dev = len(devices)
-    local_cfg = dataclasses.replace(cfg, batch=cfg.batch // n_dev) if layout == "batch" else cfg
+    local_cfg = dataclasses.replace(cfg, batch=cfg.batch // n_dev, shards=n_dev) if layout == "batch" else cfg
     src = _source_fn(source)
     impl = group.impl
 

@@ -145,6 +145,21 @@ def test_batch_layout_averages_per_device_gradients():
         assert not np.allclose(np.asarray(grads[0]["V"]), np.asarray(grads[1]["V"]))
 
 
+def test_auto_sampler_counts_the_prompts_of_every_device(monkeypatch):
+    """With the minibatch split over devices (layout "batch"), the "auto" rule weighs the draws of
+    all of them (steps x the whole batch), as on one device, not one device's share."""
+    import linattn.minibatch as MB
+
+    seen = []
+    real = MB.resolve_sampler
+    monkeypatch.setattr(MB, "resolve_sampler", lambda *a: seen.append(a[3]) or real(*a))
+    ctx, p0 = _ft_setup()
+    for devices, layout, batch in ((1, "auto", 64), (2, "batch", 96)):
+        cfg = T.TrainConfig(steps=3, batch=batch, d=3)  # a new program each time: traced again
+        T.train(jax.random.PRNGKey(0), p0, 0.01, ctx, cfg=cfg, devices=devices, layout=layout)
+        assert seen[-1] == 3 * cfg.batch, (devices, seen)
+
+
 def test_auto_sampler_takes_statistics_only_where_they_save_enough_draws():
     from linattn.data import draws_per_prompt
     from linattn.minibatch import STATS_WORTH_DRAWS, resolve_sampler
