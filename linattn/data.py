@@ -142,8 +142,9 @@ def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
 
     One normal and one uniform per lane propose d v, d = a' - 1/3, v = (1 + x / sqrt(9 d))^3,
     accepted when log u < x^2/2 + d - d v + d log v; shapes a < 1 use a' = a + 1 and the boost
-    Gamma(a) = Gamma(a + 1) U^(1/a). Rejected lanes (a few percent) are redrawn in a while_loop
-    that touches only a small buffer of them, so the cost is about two draws per lane; unlike
+    Gamma(a) = Gamma(a + 1) U^(1/a). Rejected lanes (a few percent) are gathered once into a small
+    buffer and redrawn there until each is accepted (a lane's value is its first accepted proposal,
+    every proposal from a fresh key), so the cost is about two draws per lane; unlike
     jax.random.gamma there is no per-lane key split. Returns an array of a's shape.
     """
     a = jnp.asarray(a, dtype)
@@ -169,11 +170,20 @@ def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
 
     def body(state):
         val, ok, i = state
-        idx = jnp.nonzero(~ok, size=buf, fill_value=size)[0]
+        idx = jnp.nonzero(~ok, size=buf, fill_value=size)[0]  # up to buf rejected lanes (one pass: rarely more)
+        live = idx < size
         safe = jnp.minimum(idx, size - 1)
-        v2, ok2 = propose(jax.random.fold_in(k_loop, i), dd[safe], cc[safe])
-        dest = jnp.where(ok2 & (idx < size), idx, size)  # out of range: dropped
-        return val.at[dest].set(v2, mode="drop"), ok.at[dest].set(True, mode="drop"), i + 1
+        d_, c_ = dd[safe], cc[safe]
+
+        def redraw(st):  # on the buffer only, until each of its lanes has an accepted proposal
+            v, o, j = st
+            v2, o2 = propose(jax.random.fold_in(k_loop, j), d_, c_)
+            return jnp.where(o, v, v2), o | o2, j + 1
+
+        v, o, i = jax.lax.while_loop(lambda st: ~jnp.all(st[1] | ~live), redraw,
+                                     (jnp.zeros(buf, dtype), jnp.zeros(buf, bool), i))
+        dest = jnp.where(live, idx, size)  # out of range: dropped
+        return val.at[dest].set(v, mode="drop"), ok.at[dest].set(True, mode="drop"), i
 
     val, _, _ = jax.lax.while_loop(lambda s: ~jnp.all(s[1]), body, (val, ok, jnp.asarray(0)))
     u = jax.random.uniform(k_boost, (size,), dtype, minval=jnp.finfo(dtype).tiny)
