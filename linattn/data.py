@@ -180,8 +180,8 @@ def sample_gamma(key, a, dtype=jnp.float32) -> jax.Array:
             v2, o2 = propose(jax.random.fold_in(k_loop, j), d_, c_)
             return jnp.where(o, v, v2), o | o2, j + 1
 
-        v, o, i = jax.lax.while_loop(lambda st: ~jnp.all(st[1] | ~live), redraw,
-                                     (jnp.zeros(buf, dtype), jnp.zeros(buf, bool), i))
+        # start values made from the buffer's own (under shard_map, device-varying) arrays
+        v, o, i = jax.lax.while_loop(lambda st: ~jnp.all(st[1] | ~live), redraw, (d_ * 0, live & False, i))
         dest = jnp.where(live, idx, size)  # out of range: dropped
         return val.at[dest].set(v, mode="drop"), ok.at[dest].set(True, mode="drop"), i
 
