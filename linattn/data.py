@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linattn.model import packed_outer, unpack
+
 TASK_KINDS = ("sphere", "gaussian")
 
 
@@ -208,10 +210,9 @@ class PackedStats(NamedTuple):
 def _with_query(demos: jax.Array, xq: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(zq, packed S) from the demonstrations' packed sum of z z^T (B, D(D+1)/2) and the query's
     covariates xq (B, d): S adds zq zq^T, zq = (1, x_q, 0)."""
-    batch, d = xq.shape
+    batch = xq.shape[0]
     zq = jnp.concatenate([jnp.ones((batch, 1), xq.dtype), xq, jnp.zeros((batch, 1), xq.dtype)], axis=1)
-    j, k = np.triu_indices(d + 2)
-    return zq, demos + zq[:, j] * zq[:, k]
+    return zq, demos + packed_outer(zq)
 
 
 def sample_packed_stats(key, n, batch: int, d: int, task="sphere", noise: float = 0.1,
@@ -243,15 +244,14 @@ def sample_packed_stats(key, n, batch: int, d: int, task="sphere", noise: float 
     live = jnp.arange(p) < jnp.asarray(n) - 1
     dof = jnp.where(live, jnp.asarray(n) - 1 - jnp.arange(p), 2).astype(dtype)
     diag = jnp.sqrt(sample_chi2(k_w, jnp.broadcast_to(dof, (batch, p)), dtype))
-    j, k = np.triu_indices(p)
-    Up = s[:, j] * s[:, k] / jnp.maximum(nf, 1.0)
+    Up = packed_outer(s) / jnp.maximum(nf, 1.0)
     first = 0  # `off` holds Bw's below-diagonal entries column by column
     for c in range(p):
         below = off[:, first : first + p - 1 - c]
         first += p - 1 - c
         col = jnp.concatenate([jnp.zeros((batch, c), dtype), diag[:, c : c + 1], below], axis=1)
         ab = jnp.where(live[c], A(col), 0.0)
-        Up = Up + ab[:, j] * ab[:, k]
+        Up = Up + packed_outer(ab)
     head = jnp.broadcast_to(nf, (batch, 1))  # [[n, s^T], [s, U]] packed row by row
     zq, Sp = _with_query(jnp.concatenate([head, s, Up], axis=1), xq)
     return PackedStats(zq, Sp, yq)
@@ -260,8 +260,6 @@ def sample_packed_stats(key, n, batch: int, d: int, task="sphere", noise: float 
 def sample_prompt_stats(key, n, batch: int, d: int, task="sphere", noise: float = 0.1,
                         cov_factor=None, dtype=jnp.float32) -> PromptStats:
     """sample_packed_stats with S unpacked to (B, D, D)."""
-    from linattn.model import unpack
-
     zq, Sp, y = sample_packed_stats(key, n, batch, d, task, noise, cov_factor, dtype)
     return PromptStats(zq, unpack(Sp, d + 2), y)
 
@@ -304,9 +302,7 @@ def sample_from_dataset(key, data: FineTuneData, n: int, batch: int) -> Prompts:
 def dataset_moments(x: jax.Array, y: jax.Array) -> jax.Array:
     """(M, D(D+1)/2) per example: pack(z z^T) (linattn.model.pack) of its token z = (1, x, y);
     the packed S of an n-shot prompt from the dataset sums n of these rows and the query's."""
-    z = jnp.concatenate([jnp.ones_like(y)[:, None], x, y[:, None]], axis=1)
-    j, k = np.triu_indices(z.shape[1])
-    return z[:, j] * z[:, k]
+    return packed_outer(jnp.concatenate([jnp.ones_like(y)[:, None], x, y[:, None]], axis=1))
 
 
 def sample_dataset_stats(key, data: FineTuneData, n: int, batch: int) -> PackedStats:
