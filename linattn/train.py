@@ -80,14 +80,15 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     snapshots: tuple = ()  # steps s (1..steps) after which the parameters are also returned (early stopping)
     probe: int = 256  # the "diffusion" source's probe prompts per risk term and step (theory.sgd); others ignore it
-    shards: int = 1  # set by the engine, not by users: the minibatch is split over this many devices, batch each
+    copies: int = 1  # set by the engine, not by users: one program draws each minibatch this many times per
+    # step (slots x devices splitting it, batch / devices each), which the "auto" sampler rule counts
 
     def __post_init__(self):
         if self.sampler != "auto" and self.sampler not in D.SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} unknown; allowed: {sorted(D.SAMPLERS)} or 'auto'")
         if self.tasks not in D.TASK_KINDS:
             raise ValueError(f"tasks {self.tasks!r} unknown; allowed: {list(D.TASK_KINDS)}")
-        for name in ("steps", "batch", "d", "history", "probe", "shards"):
+        for name in ("steps", "batch", "d", "history", "probe", "copies"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.noise < 0:
@@ -299,9 +300,9 @@ def _source_fn(source: str) -> Callable:
     return {"exact": exact_source, "diffusion": diffusion_source}[source]
 
 
-def _program_sig(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int, one: bool) -> tuple:
+def _program_sig(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int, slots: int) -> tuple:
     return (tuple(s[0] for s in group.sigs), tuple(s[1:] for s in group.sigs), group.cfg, source, layout, devices,
-            chunk, k_hist, group.impl, one)
+            chunk, k_hist, group.impl, slots)
 
 
 def _over_slots(fn: Callable, in_axes: tuple, one: bool) -> Callable:
@@ -318,16 +319,20 @@ def _over_slots(fn: Callable, in_axes: tuple, one: bool) -> Callable:
     return single
 
 
-def _programs(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int, one: bool):
-    """(init, run) jitted functions of a group, cached per static configuration; `one`: each device
-    holds a single slot."""
+def _programs(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int, slots: int):
+    """(init, run) jitted functions of a group with `slots` slots (padding included), cached per static
+    configuration."""
     columns = tuple(s[0] for s in group.sigs)
-    sig = _program_sig(group, source, layout, devices, chunk, k_hist, one)
+    sig = _program_sig(group, source, layout, devices, chunk, k_hist, slots)
     if sig in _PROGRAMS:
         return _PROGRAMS[sig]
     cfg = group.cfg
     n_dev = len(devices)
-    local_cfg = dataclasses.replace(cfg, batch=cfg.batch // n_dev, shards=n_dev) if layout == "batch" else cfg
+    one = slots == (n_dev if layout == "runs" else 1)  # each device holds a single slot
+    if layout == "batch":
+        local_cfg = dataclasses.replace(cfg, batch=cfg.batch // n_dev, copies=slots * n_dev)
+    else:
+        local_cfg = dataclasses.replace(cfg, copies=slots)
     src = _source_fn(source)
     impl = group.impl
 
@@ -388,8 +393,7 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
                           None if ctx.cov_factor is None else np.asarray(ctx.cov_factor, np.float64))
     k_hist = min(cfg.history, cfg.steps)
     c = _chunk_size(math.gcd(cfg.steps, *cfg.snapshots), chunk)  # every snapshot step ends a chunk
-    one = len(cells) == (n_dev if layout == "runs" else 1)
-    init, run = _programs(g, source, layout, tuple(devices), c, k_hist, one)
+    init, run = _programs(g, source, layout, tuple(devices), c, k_hist, len(cells))
     state = init(params0, lrs)
     steps = None  # the step numbers of a chunk: placed like ctx when processes share the mesh
     if layout != "single":
@@ -399,7 +403,7 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
         ctx = dist.put(ctx, NamedSharding(mesh, P()))
         if not spec.is_fully_addressable:
             steps = NamedSharding(mesh, P())
-    sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist, one), len(cells), str(dtype))
+    sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist, len(cells)), str(dtype))
     return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source != "mc",
                 sig=sig, steps=steps)
 
