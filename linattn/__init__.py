@@ -5,6 +5,12 @@ See ../README.md for the layout; SPEC sections are cited in each module's docstr
 On a CPU host, importing linattn before JAX starts asks for one JAX device per core
 (jax_num_cpu_devices), so that the training engine (linattn.train) can use every core without
 flags. Set JAX_NUM_CPU_DEVICES (or XLA_FLAGS=--xla_force_host_platform_device_count=N) to choose.
+
+It also sets jax_threefry_partitionable to False (unless JAX_THREEFRY_PARTITIONABLE is set): the
+partitionable Threefry, JAX's default since 0.5, hashes twice the bits so that jit can split one
+random array over devices, which linattn never asks for (every device draws its own prompts from
+its own folded key). Normals then cost about 0.6x and the statistics sampler 0.75x on CPU
+(BENCHMARKS.md). The random streams are JAX's pre-0.5 ones; results record the setting.
 """
 
 import os as _os
@@ -23,4 +29,13 @@ def _one_device_per_core() -> None:
         pass
 
 
+def _sequential_threefry() -> None:
+    if "JAX_THREEFRY_PARTITIONABLE" in _os.environ:
+        return
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", False)
+
+
 _one_device_per_core()
+_sequential_threefry()

@@ -35,8 +35,9 @@ TASK_KINDS = ("sphere", "gaussian")
 def _flat(sampler, key, shape, *args, **kwargs) -> jax.Array:
     """sampler(key, shape, ...) drawn as one flat vector and reshaped.
 
-    With jax_threefry_partitionable (the default) the values are bit-identical to drawing `shape`
-    directly, and on CPU the flat draw is 1.5-3x faster for the batched shapes used here.
+    The values are bit-identical to drawing `shape` directly; with the partitionable Threefry
+    (JAX's default, which importing linattn turns off) the flat draw is 1.5-3x faster on CPU for the
+    batched shapes used here.
     """
     shape = tuple(int(s) for s in shape)
     return sampler(key, (math.prod(shape),), *args, **kwargs).reshape(shape)
@@ -119,15 +120,16 @@ def sample_nested_prompts(key, n: int, batch: int, d: int, task="sphere", noise:
     """sample_prompts' distribution, nested in n: the first m demonstrations of the n-shot prompts
     are the m-shot prompts of the same key, so one draw serves every shot count (evaluation).
 
-    The demonstrations' normals are one flat draw of shape (n, B, d + 1); a partitionable threefry
-    draw's values do not change when its leading axis grows. (Training keeps sample_prompts: this
-    layout's transpose makes a vmapped training step about 2x slower on CPU.)
+    Demonstration j's normals are drawn from fold_in(key, j) (one vmapped draw), so they do not
+    depend on n. (Training keeps sample_prompts: this layout's transpose makes a vmapped training
+    step about 2x slower on CPU.)
     """
     check_shots(n)
     k_task, k_q, k_demo = jax.random.split(key, 3)
     theta = sample_tasks(k_task, batch, d, task, dtype)
     gq = _normal(k_q, (batch, 1, d + 1), dtype)
-    g = jnp.concatenate([jnp.swapaxes(_normal(k_demo, (n, batch, d + 1), dtype), 0, 1), gq], axis=1)
+    demos = jax.vmap(lambda j: _normal(jax.random.fold_in(k_demo, j), (batch, d + 1), dtype))(jnp.arange(n))
+    g = jnp.concatenate([jnp.swapaxes(demos, 0, 1), gq], axis=1)
     x = g[..., :d] if cov_factor is None else g[..., :d] @ jnp.asarray(cov_factor, dtype).T
     y = jnp.einsum("bnd,bd->bn", x, theta) + jnp.sqrt(jnp.asarray(noise, dtype)) * g[..., d]
     return Prompts(build_prompt(x, y), y[:, -1])
