@@ -1054,7 +1054,7 @@ def curves_json(cfg, piece: dict, with_opt=True, tasks=TASKS, kind: str = "gradi
     batch, with "theory_optimum_sd" (its predicted spread over runs), "theory_optimum_se" (its own
     path error), the gradient flow's curve "theory_flow" beside it and the seeds' "sim_sd";
     otherwise the piece's deterministic prediction (`kind`: the gradient flow, or the closed form
-    for pretraining). "prediction" names which."""
+    for pretraining). "prediction" names which; "seeds" counts the simulated seeds."""
     mean, se, mc, th, th_se = seed_stats(piece["sim_mean"], piece["sim_se"], piece["theory"])
     opt = np.broadcast_to(piece["theory_optimum"], piece["theory"].shape).mean(0) if with_opt else None
     aware = piece.get("sgd_aware") if with_opt else None
@@ -1063,7 +1063,8 @@ def curves_json(cfg, piece: dict, with_opt=True, tasks=TASKS, kind: str = "gradi
         out[name] = {"shots": shots_of(cfg).tolist(), "sim_mean": mean[t].tolist(), "sim_se": se[t].tolist(),
                      "theory": th[t].tolist(), "theory_optimum": None if opt is None else opt[t].tolist(),
                      "prediction": None if opt is None else kind,
-                     "sim_se_mc": mc[t].tolist(), "theory_se_seeds": th_se[t].tolist()}
+                     "sim_se_mc": mc[t].tolist(), "theory_se_seeds": th_se[t].tolist(),
+                     "seeds": int(np.shape(piece["sim_mean"])[0])}
         if aware is not None:
             pred = path_stats(aware[:, t])
             out[name].update({"theory_optimum": pred.mean.tolist(), "theory_optimum_sd": pred.sd.tolist(),
@@ -1077,19 +1078,27 @@ def agreement(curve: dict) -> dict:
     """Largest gaps, in standard errors, over all shot counts of one curve: the simulation against
     the exact risk of its own weights (Monte Carlo SE), against the prediction (SE of both sides:
     Monte Carlo, seeds, and the SGD-aware prediction's paths) and, where the prediction is the
-    SGD-aware one, against the gradient flow."""
+    SGD-aware one, against the gradient flow.
+
+    A single seed's run-to-run spread is not measured (seed_stats gives it zero): against the
+    SGD-aware prediction it is the prediction's own predicted spread over runs, which is the
+    simulation's under the hypothesis tested. Without it, a sweep cell (1 seed, 2 paths) counted
+    only a third of the variance of sim - prediction when trajectory noise dominates."""
     sim, th = np.asarray(curve["sim_mean"]), np.asarray(curve["theory"])
     out = {"sim_vs_theory_max_se": float(np.max(np.abs(sim - th) / np.asarray(curve["sim_se_mc"])))}
+    sim_se = np.asarray(curve["sim_se"])
+    if curve.get("seeds") == 1 and curve.get("theory_optimum_sd") is not None:
+        sim_se = np.hypot(sim_se, curve["theory_optimum_sd"])
     if curve["theory_optimum"] is not None:
         opt = np.asarray(curve["theory_optimum"])
-        z = np.abs(sim - opt) / np.hypot(curve["sim_se"], curve.get("theory_optimum_se", 0.0))
+        z = np.abs(sim - opt) / np.hypot(sim_se, curve.get("theory_optimum_se", 0.0))
         out["prediction"] = curve.get("prediction")
         out["sim_vs_optimum_max_se"] = float(np.max(z))
         out["sim_vs_optimum_within_4se"] = float(np.mean(z < 4))
         out["sim_vs_optimum_worst_shot"] = int(np.argmax(z))
         out["sim_vs_optimum_max_rel"] = float(np.max(np.abs(sim - opt) / opt))
     if curve.get("theory_flow") is not None:
-        out["sim_vs_flow_max_se"] = float(np.max(np.abs(sim - np.asarray(curve["theory_flow"])) / np.asarray(curve["sim_se"])))
+        out["sim_vs_flow_max_se"] = float(np.max(np.abs(sim - np.asarray(curve["theory_flow"])) / sim_se))
     return out
 
 

@@ -585,7 +585,8 @@ worst case over the shot counts n = 0..{max_shots}.
   term and step, --sgd-probe). *gradient flow*: that flow
   without noise (WiSE-FT, LoRA's rank curve). *closed form*: the pretraining optimum.
 - **max abs(sim - prediction) / SE** and **within 4 SE**: the same Monte Carlo error against the exact
-  risk of the *predicted* weights, in SEs combining the simulation's (Monte Carlo and seed spread) and,
+  risk of the *predicted* weights, in SEs combining the simulation's (Monte Carlo and seed spread; for a
+  single seed, whose spread is not measured, the SGD-aware prediction's predicted spread over runs) and,
   for the SGD-aware prediction, its own (its paths); and the fraction of shot counts within 4 of them.
   This checks whether theory predicts what training reaches.
 - **at n**: the shot count of that worst gap. **max rel. gap to prediction**: the largest

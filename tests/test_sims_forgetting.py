@@ -389,3 +389,15 @@ def test_sgd_gap_replicate_is_the_same_point_on_an_independent_key_stream(tiny_r
                          replicate=1)
     for side in ("sgd", "sgd_aware"):
         assert again[side]["kappa"] == rep[side]["kappa"] and again[side]["curves"] == rep[side]["curves"]
+
+
+def test_agreement_counts_a_single_seeds_run_spread():
+    """One simulated seed: sim - prediction varies by the run-to-run spread, which one seed cannot
+    measure; the SGD-aware prediction's predicted spread stands in. With several seeds their own
+    spread (in sim_se) is used."""
+    curve = {"sim_mean": [1.5], "theory": [1.5], "sim_se_mc": [0.1], "sim_se": [0.3], "theory_optimum": [1.0],
+             "theory_optimum_sd": [0.4], "theory_optimum_se": [0.0], "theory_flow": [1.0], "prediction": "sgd-aware"}
+    one = S.agreement({**curve, "seeds": 1})
+    assert one["sim_vs_optimum_max_se"] == pytest.approx(0.5 / 0.5) and one["sim_vs_flow_max_se"] == pytest.approx(1.0)
+    several = S.agreement({**curve, "seeds": 5})
+    assert several["sim_vs_optimum_max_se"] == pytest.approx(0.5 / 0.3)
