@@ -1,6 +1,8 @@
 """The training engine (linattn.train): reference pretraining at reduced size, fused methods and
 sweeps equal single runs, device layouts, no recompilation, per-run objective data, divergence."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -361,3 +363,19 @@ def test_snapshots_are_the_iterates_of_shorter_runs(source):
 def test_bad_snapshots_are_refused(snaps):
     with pytest.raises(ValueError, match="snapshots must be increasing distinct integer steps in 1..steps = 60"):
         T.TrainConfig(steps=60, snapshots=snaps)
+
+
+def test_linattn_draws_with_the_sequential_threefry_and_records_it():
+    """Importing linattn turns off the partitionable Threefry (JAX_THREEFRY_PARTITIONABLE unset in the
+    tests), which every result records; a child process that sets the variable keeps JAX's choice."""
+    import subprocess
+    import sys
+
+    from linattn.records import versions
+
+    assert jax.config.jax_threefry_partitionable is False
+    assert versions()["jax_threefry_partitionable"] is False
+    code = "import linattn, jax; print(jax.config.jax_threefry_partitionable)"
+    env = {**os.environ, "JAX_THREEFRY_PARTITIONABLE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
