@@ -28,10 +28,12 @@ from linattn.models import dtype_of, effective_tree, model_of
 from linattn.objectives import TASK_SOURCES, task_spec
 
 
-# The statistics sampler's program compiles about 3.5 s longer than the token sampler's (its
-# chi-square rejection loop; measured at d = 5 on the 2-core CPU of BENCHMARKS.md), the time to
-# draw about this many normals there: "auto" takes it only when it saves more draws than that.
-STATS_WORTH_DRAWS = 4e8
+# The statistics sampler's program compiles about 1.4 s longer than the token sampler's (its
+# chi-square rejection loop), and each draw it saves saves about 12 ns of the step (the token
+# prompts' outer products included): 1000 pretraining steps at batch 5000, d = 5, took 2.05 s with
+# it and 7.55 s without (2-core Xeon of BENCHMARKS.md, sequential Threefry). "auto" takes it when
+# the draws it saves are worth more than its compilation.
+STATS_WORTH_DRAWS = 1.2e8
 
 
 def resolve_sampler(name: str, one_layer: bool, saved_per_prompt: int = None, prompts: int = None) -> str:
