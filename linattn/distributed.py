@@ -81,8 +81,8 @@ def put(tree: Any, sharding) -> Any:
     One process: jax.device_put. Several: every process builds only the shards of its own devices
     (jax.make_array_from_callback), so nothing crosses processes.
     """
-    if sharding.is_fully_addressable:
-        return jax.device_put(tree, sharding)
+    if sharding.is_fully_addressable:  # from host copies: a device array would be resharded by a compiled op
+        return jax.device_put(jax.tree.map(np.asarray, tree), sharding)
 
     def one(x):
         x = np.asarray(x)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,5 +101,5 @@ def is_stacked(params: Mapping) -> bool:
 
 def dtype_of(params: Mapping):
     """The floating dtype a tree computes in (its reference leaf's)."""
-    m = model_of(params)
-    return jnp.asarray(params[m.ref_leaf]).dtype
+    x = params[model_of(params).ref_leaf]
+    return jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x))

@@ -122,10 +122,11 @@ def icl_params(d: int, gamma: float, w: float, *, heads: int = 1, dtype=jnp.floa
     gamma * w / (n+1) * sum_j (x_q . x_j) y_j.
     """
     D = d + 2
-    kq = jnp.zeros((D, D), dtype).at[1 : d + 1, 1 : d + 1].set(gamma * jnp.eye(d, dtype=dtype))
-    v = jnp.zeros((D, D), dtype).at[-1, -1].set(w)
-    tile = lambda a: jnp.broadcast_to(a, (1, heads, D, D))
-    return {"KQ": tile(kq), "V": tile(v)}
+    eye = np.zeros((1, heads, D, D), dtype)  # host constants: concrete gamma and w need no compiled op
+    eye[..., 1 : d + 1, 1 : d + 1] = np.eye(d)
+    label = np.zeros((1, heads, D, D), dtype)
+    label[..., -1, -1] = 1.0
+    return {"KQ": jnp.asarray(gamma * eye, dtype), "V": jnp.asarray(w * label, dtype)}
 
 
 def save_params(path: str | Path, params: Mapping, *, normalization: str = "tokens") -> None:

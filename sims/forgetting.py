@@ -403,7 +403,7 @@ def evaluate_models(cfg, models: dict, theta0) -> dict:
     """
     by_d: dict = {}
     for name, tree in models.items():
-        merged = jax.vmap(to_merged)({k: jnp.asarray(v) for k, v in tree.items()})
+        merged = {k: np.asarray(v) for k, v in jax.vmap(to_merged)({k: jnp.asarray(v) for k, v in tree.items()}).items()}
         by_d.setdefault(int(merged["V"].shape[-1]) - 2, []).append((name, merged))
     out = {}
     for d, items in by_d.items():
@@ -414,7 +414,7 @@ def evaluate_models(cfg, models: dict, theta0) -> dict:
                for name, t in items}
         for s, row in enumerate(rows):
             trees = [t for _, t in row] + [row[0][1]] * (width - len(row))
-            stacked = {k: jnp.stack([t[k][s if i < len(row) else 0] for i, t in enumerate(trees)]).astype(jnp.float32)
+            stacked = {k: np.stack([t[k][s if i < len(row) else 0] for i, t in enumerate(trees)]).astype(np.float32)
                        for k in ("KQ", "V")}
             key = key_for(cfg, "eval", s) if d == cfg.d else key_for(cfg, "eval", 1000 + d, s)
             th = jnp.asarray(theta0 if d == cfg.d else np.zeros(d), jnp.float32)

@@ -252,10 +252,11 @@ def task_curves(params: Mapping, theta0, shots, noise=0.1, normalization: str = 
     if unknown:
         raise ValueError(f"test tasks {unknown} unknown; allowed: {list(TEST_TASKS)}")
     with jax.enable_x64(True):
-        p = effective_tree({k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in params.items()})
-        R, d = p["V"].shape[0], p["V"].shape[-1] - 2
+        p = {k: np.asarray(v, np.float64) for k, v in params.items()}  # padded on the host: no op per shape
+        V = jax.eval_shape(effective_tree, p)["V"]
+        R, d = V.shape[0], V.shape[-1] - 2
         size = 1 << max(R - 1, 0).bit_length()
-        p = {k: jnp.concatenate([v, jnp.repeat(v[:1], size - R, axis=0)]) for k, v in p.items()}
+        p = {k: np.concatenate([v, np.repeat(v[:1], size - R, axis=0)]) for k, v in p.items()}
         sig = (float(noise), normalization)
         if sig not in _CURVES:
             def curves(p, theta0, n):
@@ -263,7 +264,7 @@ def task_curves(params: Mapping, theta0, shots, noise=0.1, normalization: str = 
                     terms = [risk_terms(q, _task_spec(s, theta0, "sphere"), noise) for s in TEST_TASKS.values()]
                     return jnp.stack([risk_from_terms(t, n, noise, normalization) for t in terms])
 
-                return jax.vmap(one)(p)
+                return jax.vmap(one)(effective_tree(p))
 
             _CURVES[sig] = jax.jit(curves)
         th = jnp.zeros(d) if theta0 is None else jnp.asarray(theta0, jnp.float64)
