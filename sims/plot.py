@@ -42,12 +42,13 @@ def _builtin_styles() -> dict:
            "ewc_all": {"color": "#01665e", "ls": ":", "marker": "X"},
            "wise_zs_all": {"color": "#35978f", "ls": "-", "marker": "h"},  # methods traced over a knob (fig8)
            "early_zs_all": {"color": "#c51b7d", "ls": "-", "marker": ">"},
-           # LoRA (light blue on KQ, light green on V; diamond rank 1, pentagon rank 2, octagon the rank curve)
+           # LoRA (light blue on KQ, light green on V; diamond and solid rank 1, pentagon and dotted rank 2
+           # (curves without markers stay apart), octagon the rank curve)
            "zs_lora_kq1": {"color": "#4393c3", "ls": "-", "marker": "d"},
-           "zs_lora_kq2": {"color": "#4393c3", "ls": "-", "marker": "p"},
+           "zs_lora_kq2": {"color": "#4393c3", "ls": ":", "marker": "p"},
            "lora_kq_zs": {"color": "#4393c3", "ls": "-", "marker": "8"},
            "zs_lora_v1": {"color": "#5aae61", "ls": "-", "marker": "d"},
-           "zs_lora_v2": {"color": "#5aae61", "ls": "-", "marker": "p"},
+           "zs_lora_v2": {"color": "#5aae61", "ls": ":", "marker": "p"},
            "lora_v_zs": {"color": "#5aae61", "ls": "-", "marker": "8"}}
     for sep, markers in (("", ("o", "s")), ("sep_", ("^", "v"))):
         for subset, (dark, light) in HUES.items():
