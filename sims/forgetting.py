@@ -107,9 +107,13 @@ class StudyConfig:
 
     @classmethod
     def from_json(cls, obj: dict) -> "StudyConfig":
-        """The inverse of to_json (DIR/config.json's "config")."""
+        """The inverse of to_json (DIR/config.json's "config"). Training fields TrainConfig no longer
+        has (e.g. "shards", which runs before 2026-12-07 wrote) are skipped: the engine set them, not
+        the user."""
         tup = lambda v: tuple(v) if isinstance(v, list) else v
-        train = dict(obj["train"], optimizer=T.OptimizerConfig(**obj["train"]["optimizer"]))
+        known = {f.name for f in dataclasses.fields(T.TrainConfig)}
+        train = {k: v for k, v in obj["train"].items() if k in known}
+        train = dict(train, optimizer=T.OptimizerConfig(**obj["train"]["optimizer"]))
         train = T.TrainConfig(**{k: tup(v) for k, v in train.items()})
         objective = ObjectiveConfig(**{k: tup(v) for k, v in obj["objective"].items()})
         return cls(**{k: tup(v) for k, v in obj.items() if k not in ("train", "objective")}, train=train,

@@ -212,6 +212,16 @@ def test_cli_parses_overrides():
     assert S.PRESETS["full"].dataset == 100_000 and S.PRESETS["full"].objective.n_ft == 20
 
 
+def test_config_json_round_trips_and_reads_older_runs():
+    """from_json inverts to_json and reads the config.json of runs that wrote the engine's former
+    field "shards" (sims.sgd_gap reads a run's config this way)."""
+    for cfg in (S.PRESETS["quick"], S.PRESETS["full"]):
+        obj = json.loads(json.dumps(cfg.to_json()))
+        assert S.StudyConfig.from_json(obj) == cfg
+        older = dict(obj, train={k: v for k, v in obj["train"].items() if k != "copies"} | {"shards": 1})
+        assert S.StudyConfig.from_json(older) == cfg
+
+
 def test_cli_exits_2_on_bad_input(tmp_path, capsys):
     """More cases, for every CLI, in tests/test_cli.py."""
     for argv, msg in ((["--methods", "zs_nothing"], "unknown methods"), (["--batch", "0"], "--batch: '0'")):
