@@ -11,6 +11,12 @@ partitionable Threefry, JAX's default since 0.5, hashes twice the bits so that j
 random array over devices, which linattn never asks for (every device draws its own prompts from
 its own folded key). Normals then cost about 0.6x and the statistics sampler 0.75x on CPU
 (BENCHMARKS.md). The random streams are JAX's pre-0.5 ones; results record the setting.
+
+And it turns off XLA's CPU fusion emitters (XLA_FLAGS gains --xla_cpu_use_fusion_emitters=false,
+unless XLA_FLAGS already names that flag): on this project's programs the older loop emitters
+compile in about two thirds of the CPU time and run as fast or faster (BENCHMARKS.md, "2026-12-07,
+fourth session"). The flag is read by the CPU compiler only, when the backend starts; results
+record XLA_FLAGS.
 """
 
 import os as _os
@@ -37,5 +43,12 @@ def _sequential_threefry() -> None:
     jax.config.update("jax_threefry_partitionable", False)
 
 
+def _cpu_loop_emitters() -> None:
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_use_fusion_emitters" not in flags:
+        _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_use_fusion_emitters=false").strip()
+
+
 _one_device_per_core()
 _sequential_threefry()
+_cpu_loop_emitters()
