@@ -379,3 +379,23 @@ def test_linattn_draws_with_the_sequential_threefry_and_records_it():
     env = {**os.environ, "JAX_THREEFRY_PARTITIONABLE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_linattn_turns_off_the_cpu_fusion_emitters_unless_xla_flags_names_them():
+    """Importing linattn adds --xla_cpu_use_fusion_emitters=false to XLA_FLAGS (before the backend
+    starts), keeping the user's other flags; a user's own setting of it wins. Results record XLA_FLAGS."""
+    import subprocess
+    import sys
+
+    from linattn.records import versions
+
+    assert "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"]
+    assert versions()["xla_flags"] == os.environ["XLA_FLAGS"]
+    code = "import os, linattn, jax; jax.devices(); print(os.environ['XLA_FLAGS'])"
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for given, want in ((None, "--xla_cpu_use_fusion_emitters=false"),
+                        ("--xla_cpu_max_isa=AVX2", "--xla_cpu_max_isa=AVX2 --xla_cpu_use_fusion_emitters=false"),
+                        ("--xla_cpu_use_fusion_emitters=true", "--xla_cpu_use_fusion_emitters=true")):
+        env = base if given is None else {**base, "XLA_FLAGS": given}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
