@@ -405,6 +405,7 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
             steps = NamedSharding(mesh, P())
     sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist, len(cells)), str(dtype))
     return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source != "mc",
+                options=compiler_options(cfg.steps * cfg.batch * len(cells), devices[0].platform),
                 sig=sig, steps=steps)
 
 
@@ -413,6 +414,19 @@ def _steps(prep: dict, start: int):
     if prep["steps"] is None:
         return jnp.arange(start, start + prep["chunk"], dtype=jnp.int32)
     return dist.put(np.arange(start, start + prep["chunk"], dtype=np.int32), prep["steps"])
+
+
+# On a CPU, programs that draw fewer prompts than this over their whole run (steps x batch x
+# slots; for the theory's sources, the prompts of their SGD counterpart) compile at LLVM
+# optimisation level 1 instead of XLA's default 2. Measured on the 2-core Xeon of BENCHMARKS.md
+# ("2026-12-07, fourth session"): level 1 compiles in about 0.8x the CPU time and runs about 1.1x
+# slower, so it pays for runs too short to repay the compilation.
+QUICK_COMPILE_PROMPTS = 5e6
+
+
+def compiler_options(prompts: int, platform: str) -> dict | None:
+    """XLA compile options of a program that draws `prompts` prompts on `platform` (QUICK_COMPILE_PROMPTS)."""
+    return {"xla_backend_optimization_level": 1} if platform == "cpu" and prompts < QUICK_COMPILE_PROMPTS else None
 
 
 _EXECUTABLES: dict = {}  # signature -> Future of the compiled executable
@@ -433,7 +447,7 @@ def _compile(prep: dict):
     if owner:
         try:
             with _x64(prep["x64"]):  # JAX config contexts are per thread
-                fut.set_result(prep["run"].lower(*prep["args"], _steps(prep, 0)).compile())
+                fut.set_result(prep["run"].lower(*prep["args"], _steps(prep, 0)).compile(prep["options"]))
         except BaseException as e:
             with _EXECUTABLES_LOCK:
                 del _EXECUTABLES[sig]
@@ -529,7 +543,7 @@ def compile_profile(runs: Sequence[Run], *, source: str = "mc", devices=None, la
             clock.append((time.perf_counter(), cpu()))
             lowered = traced.lower()
             clock.append((time.perf_counter(), cpu()))
-            lowered.compile()
+            lowered.compile(prep["options"])
             clock.append((time.perf_counter(), cpu()))
             R, M = prep["group"].cells.shape
             rec = {"source": source, "slots": int(R), "columns": int(M), "runs": int((prep["group"].cells >= 0).sum()),

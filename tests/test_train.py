@@ -168,6 +168,26 @@ def test_auto_sampler_counts_every_prompt_of_the_program(monkeypatch):
         assert seen[-1] == 3 * cfg.batch * padded, (devices, layout, slots, seen)
 
 
+def test_short_cpu_programs_compile_at_llvm_level_1(monkeypatch):
+    """Programs drawing fewer than QUICK_COMPILE_PROMPTS prompts (steps x batch x padded slots)
+    compile at LLVM level 1 on a CPU; longer ones, and other platforms, with XLA's defaults."""
+    assert T.compiler_options(5000 * 5000, "cpu") is None  # the reference protocol's pretraining
+    assert T.compiler_options(300 * 500 * 4, "cpu") == {"xla_backend_optimization_level": 1}  # the quick study
+    assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS) - 1, "cpu") == {"xla_backend_optimization_level": 1}
+    assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS), "cpu") is None
+    assert T.compiler_options(10, "gpu") is None and T.compiler_options(10, "tpu") is None
+    seen = []
+    real = T.compiler_options
+    monkeypatch.setattr(T, "compiler_options", lambda *a: seen.append(a) or real(*a))
+    ctx, p0 = _ft_setup()
+    for devices, layout, slots in ((1, "auto", 1), (2, "runs", 3), (2, "batch", 3)):
+        cfg = T.TrainConfig(steps=4, batch=32, d=3)
+        runs = [T.Run(jax.random.PRNGKey(s), p0, ctx, "zs", "all", 0.01, cfg=cfg) for s in range(slots)]
+        T.train_plan(runs, devices=devices, layout=layout)
+        padded = slots + (-slots) % devices if layout == "runs" else slots
+        assert seen[-1] == (4 * 32 * padded, "cpu"), (devices, layout, slots, seen)
+
+
 def test_auto_sampler_takes_statistics_only_where_they_save_enough_draws():
     from linattn.data import draws_per_prompt
     from linattn.minibatch import STATS_WORTH_DRAWS, resolve_sampler
