@@ -13,10 +13,11 @@ its own folded key). Normals then cost about 0.6x and the statistics sampler 0.7
 (BENCHMARKS.md). The random streams are JAX's pre-0.5 ones; results record the setting.
 
 And it turns off XLA's CPU fusion emitters (XLA_FLAGS gains --xla_cpu_use_fusion_emitters=false,
-unless XLA_FLAGS already names that flag): on this project's programs the older loop emitters
-compile in about two thirds of the CPU time and run as fast or faster (BENCHMARKS.md, "2026-12-07,
-fourth session"). The flag is read by the CPU compiler only, when the backend starts; results
-record XLA_FLAGS.
+unless XLA_FLAGS already names that flag): with the older loop emitters the evaluation, theory and
+short training programs compile in less CPU time and run as fast or faster. The training engine
+compiles its long programs with the fusion emitters again, which run those faster
+(linattn.train.compiler_options; BENCHMARKS.md, "2026-12-07, fourth session"). The flag is read by the CPU compiler only, when the backend starts;
+results record XLA_FLAGS.
 """
 
 import os as _os

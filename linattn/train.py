@@ -405,8 +405,7 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
             steps = NamedSharding(mesh, P())
     sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist, len(cells)), str(dtype))
     return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source != "mc",
-                options=compiler_options(cfg.steps * cfg.batch * len(cells), len(cells) // (n_dev if layout == "runs" else 1),
-                                         devices[0].platform),
+                options=compiler_options(cfg.steps * cfg.batch * len(cells), devices[0].platform),
                 sig=sig, steps=steps)
 
 
@@ -417,25 +416,24 @@ def _steps(prep: dict, start: int):
     return dist.put(np.arange(start, start + prep["chunk"], dtype=np.int32), prep["steps"])
 
 
-# On a CPU the engine compiles a program by how long it will run and how it is laid out. Programs
-# that draw fewer prompts than this over their whole run (steps x batch x slots; for the theory's
-# sources, the prompts of their SGD counterpart) are compile-bound: LLVM optimisation level 1 and
-# XLA's older loop emitters (the setting linattn/__init__ gives every other program) compile them in
-# about 0.8x and 0.7x the CPU time. Longer programs that vmap several slots on each device run
-# 5-12 % faster with XLA's fusion emitters (--full's stages A, B and D); those holding one slot per
-# device ran faster with the loop emitters (the reference pretraining, 1000 steps: 1.76 against
-# 2.10 s). Measured on the 2-core Xeon of BENCHMARKS.md ("2026-12-07, fourth session").
-QUICK_COMPILE_PROMPTS = 5e6
+# On a CPU the engine compiles a program by how long it will run. Programs that draw fewer prompts
+# than this over their whole run (steps x batch x slots; for the theory's sources, the prompts of
+# their SGD counterpart) are compile-bound: LLVM optimisation level 1 and XLA's older loop emitters
+# (the setting linattn/__init__ gives every program outside the engine) cut --quick's CPU time by
+# about a fifth. Longer programs keep XLA's defaults, fusion emitters included: the loop emitters
+# ran the token sampler's training step 2.3x slower (pretraining, 200 steps at batch 5000: 3.38
+# against 1.45 s warm) and --full's stages A, B and D 5-12 % slower. Measured on the 2-core Xeon of
+# BENCHMARKS.md ("2026-12-07, fourth session").
+QUICK_COMPILE_PROMPTS = 1e6
 
 
-def compiler_options(prompts: int, slots_per_device: int, platform: str) -> dict | None:
-    """XLA compile options of a program that draws `prompts` prompts with `slots_per_device` slots
-    vmapped on each device of `platform` (QUICK_COMPILE_PROMPTS)."""
+def compiler_options(prompts: int, platform: str) -> dict | None:
+    """XLA compile options of a program that draws `prompts` prompts on `platform` (QUICK_COMPILE_PROMPTS)."""
     if platform != "cpu":
         return None
     if prompts < QUICK_COMPILE_PROMPTS:
         return {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
-    return {"xla_cpu_use_fusion_emitters": slots_per_device > 1}
+    return {"xla_cpu_use_fusion_emitters": True}
 
 
 _EXECUTABLES: dict = {}  # signature -> Future of the compiled executable

@@ -170,16 +170,15 @@ def test_auto_sampler_counts_every_prompt_of_the_program(monkeypatch):
 
 def test_cpu_programs_compile_by_how_long_they_run(monkeypatch):
     """Programs drawing fewer than QUICK_COMPILE_PROMPTS prompts (steps x batch x padded slots)
-    compile at LLVM level 1 with the loop emitters on a CPU; longer ones with the fusion emitters
-    when they vmap several slots per device, else with the loop emitters (which linattn gives every
-    other program); other platforms as XLA decides."""
+    compile at LLVM level 1 with the loop emitters on a CPU; longer ones with XLA's defaults (the
+    fusion emitters, which linattn turns off for every other program); other platforms as XLA decides."""
     quick = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
-    assert T.compiler_options(1000 * 5000, 1, "cpu") == {"xla_cpu_use_fusion_emitters": False}  # reference pretraining
-    assert T.compiler_options(5000 * 5000 * 10, 5, "cpu") == {"xla_cpu_use_fusion_emitters": True}  # --full stage A
-    assert T.compiler_options(300 * 500 * 4, 2, "cpu") == quick  # the quick study
-    assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS) - 1, 2, "cpu") == quick
-    assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS), 2, "cpu") == {"xla_cpu_use_fusion_emitters": True}
-    assert T.compiler_options(10, 1, "gpu") is None and T.compiler_options(10, 1, "tpu") is None
+    long = {"xla_cpu_use_fusion_emitters": True}
+    assert T.compiler_options(1000 * 5000, "cpu") == long  # the reference protocol's pretraining
+    assert T.compiler_options(300 * 500 * 4, "cpu") == quick  # the quick study's pretraining
+    assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS) - 1, "cpu") == quick
+    assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS), "cpu") == long
+    assert T.compiler_options(10, "gpu") is None and T.compiler_options(10, "tpu") is None
     seen = []
     real = T.compiler_options
     monkeypatch.setattr(T, "compiler_options", lambda *a: seen.append(a) or real(*a))
@@ -189,8 +188,7 @@ def test_cpu_programs_compile_by_how_long_they_run(monkeypatch):
         runs = [T.Run(jax.random.PRNGKey(s), p0, ctx, "zs", "all", 0.01, cfg=cfg) for s in range(slots)]
         T.train_plan(runs, devices=devices, layout=layout)
         padded = slots + (-slots) % devices if layout == "runs" else slots
-        per_device = padded // devices if layout == "runs" else slots
-        assert seen[-1] == (4 * 32 * padded, per_device, "cpu"), (devices, layout, slots, seen)
+        assert seen[-1] == (4 * 32 * padded, "cpu"), (devices, layout, slots, seen)
 
 
 def test_auto_sampler_takes_statistics_only_where_they_save_enough_draws():
