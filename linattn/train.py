@@ -420,11 +420,14 @@ def _steps(prep: dict, start: int):
 # than this over their whole run (steps x batch x slots; for the theory's sources, the prompts of
 # their SGD counterpart) are compile-bound: LLVM optimisation level 1 and XLA's older loop emitters
 # (the setting linattn/__init__ gives every program outside the engine) cut --quick's CPU time by
-# about a fifth. Longer programs keep XLA's defaults, fusion emitters included: the loop emitters
-# ran the token sampler's training step 2.3x slower (pretraining, 200 steps at batch 5000: 3.38
-# against 1.45 s warm) and --full's stages A, B and D 5-12 % slower. Measured on the 2-core Xeon of
-# BENCHMARKS.md ("2026-12-07, fourth session").
-QUICK_COMPILE_PROMPTS = 1e6
+# about a fifth (with the threshold at 1e6 instead, its stage C compiled with the defaults: 57.5 and
+# 61.3 s against 54.4 and 56.0 s wall). Longer programs keep XLA's defaults, fusion emitters
+# included, which ran --full's stages A, B and D 5-12 % faster. The price below the threshold: the
+# one-layer token sampler's step runs 2.3x slower with the loop emitters (200 pretraining steps at
+# batch 5000, 1e6 prompts: 5.2 against 3.7 s cold), a two-layer model's 1.07x (3.7 against 4.1 s
+# cold, the options' favour). Measured on the 2-core Xeon of BENCHMARKS.md ("2026-12-07, fourth
+# session").
+QUICK_COMPILE_PROMPTS = 5e6
 
 
 def compiler_options(prompts: int, platform: str) -> dict | None:

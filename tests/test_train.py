@@ -175,7 +175,7 @@ def test_cpu_programs_compile_by_how_long_they_run(monkeypatch):
     quick = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
     long = {"xla_cpu_use_fusion_emitters": True}
     assert T.compiler_options(1000 * 5000, "cpu") == long  # the reference protocol's pretraining
-    assert T.compiler_options(300 * 500 * 4, "cpu") == quick  # the quick study's pretraining
+    assert T.compiler_options(300 * 500 * 10, "cpu") == quick  # the quick study's fine-tuning
     assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS) - 1, "cpu") == quick
     assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS), "cpu") == long
     assert T.compiler_options(10, "gpu") is None and T.compiler_options(10, "tpu") is None
