@@ -16,8 +16,8 @@ And it turns off XLA's CPU fusion emitters (XLA_FLAGS gains --xla_cpu_use_fusion
 unless XLA_FLAGS already names that flag): with the older loop emitters the evaluation, theory and
 short training programs compile in less CPU time and run as fast or faster. The training engine
 compiles its long programs with the fusion emitters again, which run those faster
-(linattn.train.compiler_options; BENCHMARKS.md, "2026-12-07, fourth session"). The flag is read by the CPU compiler only, when the backend starts;
-results record XLA_FLAGS.
+(linattn.train.compiler_options; BENCHMARKS.md, "2026-12-07, fourth session"). The flag is read
+by the CPU compiler only, when the backend starts; results record XLA_FLAGS.
 """
 
 import os as _os

@@ -424,9 +424,9 @@ def _steps(prep: dict, start: int):
 # 61.3 s against 54.4 and 56.0 s wall). Longer programs keep XLA's defaults, fusion emitters
 # included, which ran --full's stages A, B and D 5-12 % faster. The price below the threshold: the
 # one-layer token sampler's step runs 2.3x slower with the loop emitters (200 pretraining steps at
-# batch 5000, 1e6 prompts: 5.2 against 3.7 s cold), a two-layer model's 1.07x (3.7 against 4.1 s
-# cold, the options' favour). Measured on the 2-core Xeon of BENCHMARKS.md ("2026-12-07, fourth
-# session").
+# batch 5000, 1e6 prompts: 5.2 against 3.7 s cold); a two-layer model's 1.07x, and its cold run is
+# still faster with them (3.7 against 4.1 s). Measured on the 2-core Xeon of BENCHMARKS.md
+# ("2026-12-07, fourth session").
 QUICK_COMPILE_PROMPTS = 5e6
 
 
