@@ -44,9 +44,17 @@ def _sequential_threefry() -> None:
     jax.config.update("jax_threefry_partitionable", False)
 
 
+def _backends_started() -> bool:
+    try:  # JAX has no public query; without it, assume not started
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        return False
+    return backends_are_initialized()
+
+
 def _cpu_loop_emitters() -> None:
     flags = _os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_use_fusion_emitters" not in flags:
+    if "xla_cpu_use_fusion_emitters" not in flags and not _backends_started():  # else XLA has read XLA_FLAGS
         _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_use_fusion_emitters=false").strip()
 
 

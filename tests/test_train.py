@@ -405,8 +405,9 @@ def test_linattn_draws_with_the_sequential_threefry_and_records_it():
 
 
 def test_linattn_turns_off_the_cpu_fusion_emitters_unless_xla_flags_names_them():
-    """Importing linattn adds --xla_cpu_use_fusion_emitters=false to XLA_FLAGS (before the backend
-    starts), keeping the user's other flags; a user's own setting of it wins. Results record XLA_FLAGS."""
+    """Importing linattn adds --xla_cpu_use_fusion_emitters=false to XLA_FLAGS before the backend
+    starts, keeping the user's other flags; a user's own setting of it wins, and a started backend
+    is left alone. Results record XLA_FLAGS."""
     import subprocess
     import sys
 
@@ -422,3 +423,7 @@ def test_linattn_turns_off_the_cpu_fusion_emitters_unless_xla_flags_names_them()
         env = base if given is None else {**base, "XLA_FLAGS": given}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == want
+    # a backend started before linattn was imported has read XLA_FLAGS: left as it is, so records say what ran
+    late = "import os, jax; jax.devices(); import linattn; print(repr(os.environ.get('XLA_FLAGS', '')))"
+    out = subprocess.run([sys.executable, "-c", late], env=base, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "''"
