@@ -97,7 +97,7 @@ def prompt_errors(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -
     out = {}
     for (shots, task), ms in requests.items():
         saved = D.draws_per_prompt("tokens", shots, cfg.d) - D.draws_per_prompt("stats", shots, cfg.d)
-        sampler = resolve_sampler(cfg.sampler, one_layer, saved, cfg.steps * cfg.batch * cfg.copies)  # the program's prompts
+        sampler = resolve_sampler(cfg.sampler, one_layer, saved, cfg.program_prompts)
         k = jax.random.fold_in(jax.random.fold_in(key, shots), list(TASK_SOURCES).index(task))
         deep = [m for m in ms if not model_of(params[m]).one_layer(params[m])]
         zq, Sp, Z, y = _draw(k, shots, task, cfg, ctx, dtype, sampler, tokens=bool(deep))

@@ -81,7 +81,7 @@ class TrainConfig:
     snapshots: tuple = ()  # steps s (1..steps) after which the parameters are also returned (early stopping)
     probe: int = 256  # the "diffusion" source's probe prompts per risk term and step (theory.sgd); others ignore it
     copies: int = 1  # set by the engine, not by users: one program draws each minibatch this many times per
-    # step (slots x devices splitting it, batch / devices each), which the "auto" sampler rule counts
+    # step (slots x devices splitting it, batch / devices each); see program_prompts
 
     def __post_init__(self):
         if self.sampler != "auto" and self.sampler not in D.SAMPLERS:
@@ -99,6 +99,12 @@ class TrainConfig:
                 or list(snaps) != sorted(set(snaps))):
             raise ValueError(f"snapshots must be increasing distinct integer steps in 1..steps = {self.steps}; "
                              f"got {self.snapshots!r}")
+
+    @property
+    def program_prompts(self) -> int:
+        """Prompts the compiled program holding this config draws over the whole run (steps x batch
+        x copies): what the "auto" sampler rule and the engine's compile options weigh."""
+        return self.steps * self.batch * self.copies
 
 
 class TaskContext(NamedTuple):
@@ -319,6 +325,14 @@ def _over_slots(fn: Callable, in_axes: tuple, one: bool) -> Callable:
     return single
 
 
+def _local_cfg(cfg: TrainConfig, layout: str, n_dev: int, slots: int) -> TrainConfig:
+    """The config one device's step runs with: its share of the batch, and the copies of each
+    minibatch the whole program draws (slots x devices splitting it)."""
+    if layout == "batch":
+        return dataclasses.replace(cfg, batch=cfg.batch // n_dev, copies=slots * n_dev)
+    return dataclasses.replace(cfg, copies=slots)
+
+
 def _programs(group: Group, source: str, layout: str, devices: tuple, chunk: int, k_hist: int, slots: int):
     """(init, run) jitted functions of a group with `slots` slots (padding included), cached per static
     configuration."""
@@ -329,10 +343,7 @@ def _programs(group: Group, source: str, layout: str, devices: tuple, chunk: int
     cfg = group.cfg
     n_dev = len(devices)
     one = slots == (n_dev if layout == "runs" else 1)  # each device holds a single slot
-    if layout == "batch":
-        local_cfg = dataclasses.replace(cfg, batch=cfg.batch // n_dev, copies=slots * n_dev)
-    else:
-        local_cfg = dataclasses.replace(cfg, copies=slots)
+    local_cfg = _local_cfg(cfg, layout, n_dev, slots)
     src = _source_fn(source)
     impl = group.impl
 
@@ -405,7 +416,8 @@ def _prepare(g: Group, runs: Sequence[Run], source: str, devices: list, layout: 
             steps = NamedSharding(mesh, P())
     sig = (_program_sig(g, source, layout, tuple(devices), c, k_hist, len(cells)), str(dtype))
     return dict(group=g, run=run, chunk=c, k_hist=k_hist, args=[state, keys, lrs, objs, ctx], x64=source != "mc",
-                options=compiler_options(cfg.steps * cfg.batch * len(cells), devices[0].platform),
+                options=compiler_options(_local_cfg(cfg, layout, n_dev, len(cells)).program_prompts,
+                                         devices[0].platform),
                 sig=sig, steps=steps)
 
 
@@ -417,8 +429,8 @@ def _steps(prep: dict, start: int):
 
 
 # On a CPU the engine compiles a program by how long it will run. Programs that draw fewer prompts
-# than this over their whole run (steps x batch x slots; for the theory's sources, the prompts of
-# their SGD counterpart) are compile-bound: LLVM optimisation level 1 and XLA's older loop emitters
+# than this over their whole run (TrainConfig.program_prompts; for the theory's sources, the prompts
+# of their SGD counterpart) are compile-bound: LLVM optimisation level 1 and XLA's older loop emitters
 # (the setting linattn/__init__ gives every program outside the engine) cut --quick's CPU time by
 # about a fifth (with the threshold at 1e6 instead, its stage C compiled with the defaults: 57.5 and
 # 61.3 s against 54.4 and 56.0 s wall). Longer programs keep XLA's defaults, fusion emitters
