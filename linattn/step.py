@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from linattn import data as D
 from linattn.models import dtype_of
@@ -100,7 +101,8 @@ def run_steps(state: State, key, lrs, objs, ctx, steps, *, columns, cfg, source,
         step_key = jax.random.fold_in(step_key, jax.lax.axis_index(data_axis))
         local = jax.tree.map(lambda a: jax.lax.pcast(a, data_axis, to="varying"), params)
         out = jax.value_and_grad(loss_fn, has_aux=True)(local, step_key, progress)
-        return jax.lax.pmean(out, data_axis)
+        flat, unravel = ravel_pytree(out)  # one all-reduce: one per leaf cost about 30 us each on CPU
+        return unravel(jax.lax.pmean(flat, data_axis))
 
     def body(st: State, step):
         (_, losses), grads = value_and_grad(st.params, jax.random.fold_in(key, step), step / denom)
