@@ -433,13 +433,15 @@ def _steps(prep: dict, start: int):
 # of their SGD counterpart) are compile-bound: LLVM optimisation level 1 and XLA's older loop emitters
 # (the setting linattn/__init__ gives every program outside the engine) cut --quick's CPU time by
 # about a fifth (with the threshold at 1e6 instead, its stage C compiled with the defaults: 57.5 and
-# 61.3 s against 54.4 and 56.0 s wall). Longer programs keep XLA's defaults, fusion emitters
-# included, which ran --full's stages A, B and D 5-12 % faster. The price below the threshold: the
-# one-layer token sampler's step runs 2.3x slower with the loop emitters (200 pretraining steps at
-# batch 5000, 1e6 prompts: 5.2 against 3.7 s cold); a two-layer model's 1.07x, and its cold run is
-# still faster with them (3.7 against 4.1 s). Measured on the 2-core Xeon of BENCHMARKS.md
-# ("2026-12-07, fourth session").
-QUICK_COMPILE_PROMPTS = 5e6
+# 61.3 s against 54.4 and 56.0 s wall), and the reference benchmark's two programs (5e6 prompts each)
+# compile about 2 s faster and run as fast (cold 10.1 and 10.7 s against 12.65 and 12.75 s with the
+# threshold at 5e6). Longer programs keep XLA's defaults, fusion emitters included, which ran
+# --full's stages A, B and D (7.5e7 prompts and more) 5-12 % faster. The price below the threshold:
+# the one-layer token sampler's step runs 2.3x slower with the loop emitters (200 pretraining steps
+# at batch 5000, 1e6 prompts: 5.2 against 3.7 s cold; "auto" takes the statistics sampler above
+# about 1.3e6 prompts); a two-layer model's 1.07x, and its cold run is still faster with them (3.7
+# against 4.1 s). Measured on the 2-core Xeon of BENCHMARKS.md ("2026-12-07", fourth and fifth sessions).
+QUICK_COMPILE_PROMPTS = 2e7
 
 
 def compiler_options(prompts: int, platform: str) -> dict | None:

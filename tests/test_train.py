@@ -174,7 +174,8 @@ def test_cpu_programs_compile_by_how_long_they_run(monkeypatch):
     fusion emitters, which linattn turns off for every other program); other platforms as XLA decides."""
     quick = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
     long = {"xla_cpu_use_fusion_emitters": True}
-    assert T.compiler_options(1000 * 5000, "cpu") == long  # the reference protocol's pretraining
+    assert T.compiler_options(1000 * 5000, "cpu") == quick  # the reference benchmark's pretraining
+    assert T.compiler_options(5000 * 5000 * 3, "cpu") == long  # the reference protocol's d = 2 pretraining
     assert T.compiler_options(300 * 500 * 10, "cpu") == quick  # the quick study's fine-tuning
     assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS) - 1, "cpu") == quick
     assert T.compiler_options(int(T.QUICK_COMPILE_PROMPTS), "cpu") == long
