@@ -47,4 +47,5 @@ def versions() -> dict:
     return {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__, "chex": chex.__version__,
             "numpy": np.__version__, "linattn": linattn.__version__, "python": platform.python_version(),
             "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": device_summary()}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "compilation_cache_dir": jax.config.jax_compilation_cache_dir, "device": device_summary()}

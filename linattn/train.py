@@ -553,8 +553,8 @@ def compile_profile(runs: Sequence[Run], *, source: str = "mc", devices=None, la
                     chunk: int = 1000) -> list[dict]:
     """Where a plan's fixed cost goes, one program (group) at a time: its slots R and method columns
     M, its StableHLO size, and the wall and CPU seconds of tracing, lowering to StableHLO and XLA
-    compilation. Nothing is cached, so every call measures a cold compilation (sims.benchmark
-    --compile-profile)."""
+    compilation. The engine's caches are bypassed; with JAX's persistent compilation cache off
+    (sims.benchmark --compile-profile turns it off) every call measures a cold compilation."""
     def cpu():
         t = os.times()
         return t.user + t.system

@@ -14,15 +14,19 @@ the settings of the paper's regression/comparison.py:
 - pretrain: the pretraining run alone;  finetune: the 8 fine-tuning runs alone;
 - tiny: the reference workload at 50 steps, batch 256 (a smoke test).
 Training goes through linattn.train.train_plan and evaluation through linattn.evaluate, exactly as
-in sims.forgetting, with the engine's defaults: every local device (one per core on a CPU) and the
-layout it picks. --devices and --layout override them. Wall and CPU seconds are reported per phase
-(compilation included: a user pays it), with the CPU model and load average; every run is appended
-to --record (default runs/benchmarks.jsonl) with its command and package versions.
+in sims.forgetting (in chunks of its eval_chunk prompts), with the engine's defaults: every local
+device (one per core on a CPU) and the layout it picks. --devices and --layout override them. Wall
+and CPU seconds are reported per phase (compilation included: a user pays it), with the CPU model,
+the load average and how many programs came from linattn's persistent compilation cache (a first
+run on a machine compiles them all; LINATTN_COMPILATION_CACHE=/empty/folder measures that again);
+every run is appended to --record (default runs/benchmarks.jsonl) with its command and package
+versions.
 
 --compile-profile PRESET measures the fixed cost instead: the programs that `python -m
 sims.forgetting --PRESET` compiles for its stages (A pretraining, B fine-tuning, C gradient flows,
-D SGD-aware paths), each compiled cold, one at a time (linattn.train.compile_profile), with their
-columns, slots, StableHLO size and the wall and CPU seconds of tracing, lowering and compilation.
+D SGD-aware paths), each compiled cold (the persistent cache off), one at a time
+(linattn.train.compile_profile), with their columns, slots, StableHLO size and the wall and CPU
+seconds of tracing, lowering and compilation.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def run(args) -> dict:
     from linattn import train as T
     from linattn.objectives import ObjectiveConfig
     from linattn.params import init_params
+    from sims.forgetting import StudyConfig
     from theory.risk import task_curves
 
     steps, batch = args.steps, args.batch
@@ -120,7 +125,7 @@ def run(args) -> dict:
         samples = min(args.eval_samples, 2000) if args.workload == "tiny" else args.eval_samples
         with clock("evaluate"):
             curves = {t: E.test_error(jax.random.fold_in(k_eval, i), stacked, shots, task, noise=noise,
-                                      samples=samples, chunk=min(samples, 50_000))
+                                      samples=samples, chunk=min(samples, StudyConfig.eval_chunk))
                       for i, (t, task) in enumerate((("theta0", theta0), ("minus_theta0", -theta0)))}
         with clock("theory"):
             exact = task_curves(stacked, np.asarray(theta0, np.float64), shots, noise, tasks=("theta0", "minus_theta0"))
@@ -218,6 +223,20 @@ def profile(args) -> dict:
     return out
 
 
+def cache_counter() -> dict:
+    """{"hits": programs loaded from the persistent compilation cache, "misses": programs compiled
+    and written to it}, counted from JAX's monitoring events from now on (linattn/__init__: the cache)."""
+    counts = {"hits": 0, "misses": 0}
+    events = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+
+    def listen(event, **_):
+        if event in events:
+            counts[events[event]] += 1
+
+    jax.monitoring.register_event_listener(listen)
+    return counts
+
+
 def peak_memory() -> dict:
     rec = {"host_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     stats = jax.devices()[0].memory_stats()
@@ -249,6 +268,9 @@ def main(argv=None) -> int:
         ap.error(f"--devices {args.devices}: allowed 1..{jax.local_device_count()}")
     from linattn.records import versions
 
+    if args.compile_profile:  # measure compilations, not loads from linattn's persistent cache
+        jax.config.update("jax_enable_compilation_cache", False)
+    cache = cache_counter()
     load0 = os.getloadavg()
     w0, c0 = time.perf_counter(), _cpu_seconds()
     if args.compile_profile:
@@ -262,6 +284,8 @@ def main(argv=None) -> int:
     out["cpu_s"] = _cpu_seconds() - c0
     out["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
     out["peak_memory"] = peak_memory()
+    out["compilation_cache"] = {"dir": jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache
+                                else None, **cache}
     out["versions"] = versions()
     out["command"] = "python -m sims.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     out["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -277,6 +301,8 @@ def main(argv=None) -> int:
     if args.compile_profile:
         print(f"  trace + lower + compile, summed over programs: cpu {out['total_compile_cpu_s']:.1f} s")
     print(f"  peak memory {out['peak_memory']}")
+    cc = out["compilation_cache"]
+    print(f"  persistent compilation cache {cc['dir']}: {cc['hits']} programs loaded, {cc['misses']} compiled")
     for name, ms in out.get("profile_ms", {}).items():
         print(f"  profile {name}: {ms:.3g}")
     if args.json:
