@@ -632,8 +632,8 @@ JOBS = (("fig_loss_predictions", ()), ("fig_heatmaps", ("merged",)), ("fig_theor
 
 
 def _draw(out: str, dest: str, job: tuple, styles: dict) -> None:
-    """Draw one figure of JOBS (in a worker process, which loads the results itself) with the
-    caller's styles."""
+    """Draw one figure of JOBS (here or in a spawned process; each job loads the results itself)
+    with the caller's styles."""
     STYLES.update(styles)
     name, extra = job
     res, arr = load(out)
