@@ -48,4 +48,9 @@ def versions() -> dict:
             "numpy": np.__version__, "linattn": linattn.__version__, "python": platform.python_version(),
             "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "compilation_cache_dir": jax.config.jax_compilation_cache_dir, "device": device_summary()}
+            "compilation_cache_dir": compilation_cache_dir(), "device": device_summary()}
+
+
+def compilation_cache_dir() -> str | None:
+    """The persistent compilation cache folder this process uses (linattn/__init__), None when off."""
+    return jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None

@@ -284,8 +284,7 @@ def main(argv=None) -> int:
     out["cpu_s"] = _cpu_seconds() - c0
     out["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
     out["peak_memory"] = peak_memory()
-    out["compilation_cache"] = {"dir": jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache
-                                else None, **cache}
+    out["compilation_cache"] = cache
     out["versions"] = versions()
     out["command"] = "python -m sims.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     out["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -302,7 +301,8 @@ def main(argv=None) -> int:
         print(f"  trace + lower + compile, summed over programs: cpu {out['total_compile_cpu_s']:.1f} s")
     print(f"  peak memory {out['peak_memory']}")
     cc = out["compilation_cache"]
-    print(f"  persistent compilation cache {cc['dir']}: {cc['hits']} programs loaded, {cc['misses']} compiled")
+    print(f"  persistent compilation cache {out['versions']['compilation_cache_dir']}: {cc['hits']} programs loaded, "
+          f"{cc['misses']} compiled")
     for name, ms in out.get("profile_ms", {}).items():
         print(f"  profile {name}: {ms:.3g}")
     if args.json:

@@ -20,15 +20,15 @@ import json
 import jax, jax.numpy as jnp
 import linattn
 from linattn import params as P, train as T
+from linattn.records import compilation_cache_dir
+from sims.benchmark import cache_counter
 
-counts = {"hits": 0, "misses": 0}
-events = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
-jax.monitoring.register_event_listener(lambda e, **_: e in events and counts.__setitem__(events[e], counts[events[e]] + 1))
+counts = cache_counter()
 cfg = T.TrainConfig(steps=5, batch=32, d=3, history=5)
 run = T.Run(jax.random.PRNGKey(1), P.init_params(jax.random.PRNGKey(0), 3), T.TaskContext(jnp.ones(3) / 3 ** 0.5),
             "pretrain", cfg=cfg)
 (res,) = T.train_plan([run], devices=1)
-print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "history": res.history.tolist(), **counts}))
+print(json.dumps({"dir": compilation_cache_dir(), "history": res.history.tolist(), **counts}))
 """
 
 
