@@ -919,6 +919,8 @@ def run_study(cfg: StudyConfig, out, *, stop_after: int | None = None, figures: 
     todo_ft = [p for p in ft_names if not store.has(p)]
     cells = finetune_cells(cfg, todo_ft)
     pre_runs = pretrain_runs(cfg, todo_pre)
+    if pre_runs and not store.has(plan_name("A", pre_runs)):  # compile stage A while the other plans are built
+        T.precompile(pre_runs, devices=devices)
     seeds_b = len({c.seed for c in cells})  # stage B's slots: every run of a seed shares its key
     seeds_d = seeds_b * cfg.sgd_paths if cells else 0
     progress = Progress(_work(pre_runs) + (seeds_b + seeds_d) * cfg.ft_steps)
