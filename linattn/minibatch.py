@@ -36,6 +36,16 @@ from linattn.objectives import TASK_SOURCES, task_spec
 STATS_WORTH_DRAWS = 1.2e8
 
 
+def draw_price(d: int) -> float:
+    """What one draw the statistics sampler saves is worth in training, relative to d = 5 (the
+    calibration of STATS_WORTH_DRAWS): token prompts cost more than their draws as D grows (their
+    packed outer products). Measured per prompt, tokens minus statistics, in --quick's pretraining
+    programs (300 steps at batch 500, 2 slots): 6 ns per saved draw at d = 2, 6.2 at d = 5, 49 at
+    d = 10, about (P / 28)^2 times d = 5's with P = D(D + 1)/2 (28 at d = 5; BENCHMARKS.md, sixth session)."""
+    P = (d + 2) * (d + 3) / 2
+    return max(1.0, (P / 28.0) ** 2)
+
+
 def resolve_sampler(name: str, one_layer: bool, saved_per_prompt: int = None, prompts: int = None) -> str:
     """"auto" -> "tokens" for deeper models; for one-layer models "stats", unless `prompts` prompts
     that each draw `saved_per_prompt` fewer numbers with it save fewer than STATS_WORTH_DRAWS
@@ -96,7 +106,7 @@ def prompt_errors(key, params: Sequence[Mapping], requests: Mapping, cfg, ctx) -
     dtype = dtype_of(params[0])
     out = {}
     for (shots, task), ms in requests.items():
-        saved = D.draws_per_prompt("tokens", shots, cfg.d) - D.draws_per_prompt("stats", shots, cfg.d)
+        saved = (D.draws_per_prompt("tokens", shots, cfg.d) - D.draws_per_prompt("stats", shots, cfg.d)) * draw_price(cfg.d)
         sampler = resolve_sampler(cfg.sampler, one_layer, saved, cfg.program_prompts)
         k = jax.random.fold_in(jax.random.fold_in(key, shots), list(TASK_SOURCES).index(task))
         deep = [m for m in ms if not model_of(params[m]).one_layer(params[m])]

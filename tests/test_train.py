@@ -205,6 +205,22 @@ def test_auto_sampler_takes_statistics_only_where_they_save_enough_draws():
     assert resolve_sampler("tokens", True, saved, 5000 * 5000) == "tokens"
 
 
+def test_auto_sampler_prices_draws_by_dimension(monkeypatch):
+    """Token prompts cost more than their draws as d grows (draw_price): the quick study's pretraining
+    (2 slots x 300 steps x 500 prompts) takes the statistics at d = 10, the tokens at d = 5 and 2."""
+    import linattn.minibatch as MB
+
+    assert MB.draw_price(2) == MB.draw_price(5) == 1.0 and 7.5 < MB.draw_price(10) < 8.0
+    chosen = []
+    real = MB.resolve_sampler
+    monkeypatch.setattr(MB, "resolve_sampler", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    for d, expected in ((10, "stats"), (5, "tokens"), (2, "tokens")):
+        cfg = T.TrainConfig(steps=300, batch=8, d=d, copies=2 * 500 // 8)  # program_prompts = 2 x 300 x 500
+        params = P.init_params(jax.random.PRNGKey(0), d)
+        MB.monte_carlo(jax.random.PRNGKey(1), [params], {(20, "random"): (0,)}, cfg, T.TaskContext(jnp.zeros(d)))
+        assert chosen[-1] == expected, (d, chosen)
+
+
 def test_layout_choice_and_bad_layouts():
     assert T.choose_layout(4, 5000, 2, "mc") == "runs"
     assert T.choose_layout(5, 5000, 2, "mc") == "batch"
