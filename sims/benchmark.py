@@ -94,19 +94,22 @@ def run(args) -> dict:
     root = jax.random.PRNGKey(args.seed)
     k_init, k_pre, k_theta, k_data, k_ft, k_eval = jax.random.split(root, 6)
     p0 = init_params(k_init, d, merged=False)
+    obj = ObjectiveConfig(m=20, n_ft=20)
+    cfg = T.TrainConfig(steps=steps, batch=batch, d=d, noise=noise)
+    pre_run = T.Run(k_pre, p0, T.TaskContext(jnp.zeros(d)), "pretrain", "all", args.lr, obj, cfg)  # reads no task
+    if args.workload in ("reference", "pretrain", "tiny"):  # as the study does: compile it while the rest is set up
+        T.precompile([pre_run], **plan)
     g = jax.random.normal(k_theta, (d,))
     theta0 = g / jnp.linalg.norm(g)
     ctx = T.TaskContext(theta0, D.make_finetune_dataset(k_data, theta0, 100_000, noise))
-    obj = ObjectiveConfig(m=20, n_ft=20)
-    cfg = T.TrainConfig(steps=steps, batch=batch, d=d, noise=noise)
 
     params_pre = p0
     ft_runs = lambda start: [T.Run(k_ft, start, ctx, o, s, args.lr, obj, cfg, name=f"{o}-{s}") for o, s in METHODS]
-    if args.workload in ("reference", "tiny"):  # as the study does: compile fine-tuning while pretraining
+    if args.workload in ("reference", "tiny"):  # and fine-tuning while pretraining
         T.precompile(ft_runs(p0), **plan)
     if args.workload in ("reference", "pretrain", "tiny"):
         with clock("pretrain"):
-            (res,) = T.train_plan([T.Run(k_pre, p0, ctx, "pretrain", "all", args.lr, obj, cfg)], **plan)
+            (res,) = T.train_plan([pre_run], **plan)
         params_pre = res.params
         out["pretrain_final_loss"] = float(res.final_loss)
 
