@@ -318,4 +318,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from linattn.cli import exit_now
+
+    exit_now(main())

@@ -1339,9 +1339,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is written and closed. JAX's exit handler would free every compiled program one by
-    # one (about 1 s after --quick on the 2-core Xeon of BENCHMARKS.md): leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from linattn.cli import exit_now
+
+    exit_now(main())
