@@ -48,8 +48,9 @@ def draw_price(d: int) -> float:
 
 def resolve_sampler(name: str, one_layer: bool, saved_per_prompt: int = None, prompts: int = None) -> str:
     """"auto" -> "tokens" for deeper models; for one-layer models "stats", unless `prompts` prompts
-    that each draw `saved_per_prompt` fewer numbers with it save fewer than STATS_WORTH_DRAWS
-    (short runs then skip its longer compilation). Checks the name."""
+    that each draw `saved_per_prompt` fewer numbers with it (in d = 5 draws: training prices them
+    with draw_price) save fewer than STATS_WORTH_DRAWS (short runs then skip its longer
+    compilation). Checks the name."""
     if name == "auto":
         if not one_layer:
             return "tokens"
