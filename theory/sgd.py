@@ -50,15 +50,12 @@ def diffusion_source(key, params, requests, cfg, ctx) -> dict:
     K = cfg.probe
     errors = prompt_errors(jax.random.fold_in(key, 0), params, requests, dataclasses.replace(cfg, batch=K), ctx)
     scale = 1.0 / math.sqrt(cfg.batch * K)
-    terms: dict = {}  # (shots, task source) -> the methods reading it
-    for (m, shots, task) in exact:
-        terms.setdefault((shots, task), []).append(m)
     out = {}
-    for (shots, task), ms in terms.items():
+    for (shots, task), ms in requests.items():  # one product for the methods reading a term
         r = jnp.stack([exact[(m, shots, task)] for m in ms])  # (M_t,)
         e = jnp.stack([errors[(m, shots, task)] for m in ms], axis=1).astype(r.dtype)  # (K, M_t)
         z = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 1), _term_index(shots, task)), (K,), r.dtype)
-        noisy = r + scale * (z @ (e - r[None, :]))  # one product for the methods of a term
+        noisy = r + scale * (z @ (e - r[None, :]))
         out.update({(m, shots, task): noisy[j] for j, m in enumerate(ms)})
     return out
 
