@@ -20,6 +20,7 @@ sample_dataset_stats (the same prompts' statistics, from per-example moments).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -287,9 +288,15 @@ def make_finetune_dataset(key, theta0, size: int = 100_000, noise: float = 0.1, 
         raise ValueError(f"theta0 has shape {theta0.shape}; expected (d,)")
     if size < 1:
         raise ValueError(f"fine-tuning dataset size must be >= 1; got {size}")
+    return _dataset(key, theta0, noise, None if cov_factor is None else jnp.asarray(cov_factor, dtype), size=int(size))
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _dataset(key, theta0, noise, cov_factor, *, size: int) -> FineTuneData:
+    """make_finetune_dataset's draw, one compiled program (eagerly it was about 16 small ones)."""
     k_x, k_eps = jax.random.split(key)
-    x = sample_covariates(k_x, (size,), theta0.shape[0], cov_factor, dtype)
-    y = x @ theta0 + jnp.sqrt(noise) * _normal(k_eps, (size,), dtype)
+    x = sample_covariates(k_x, (size,), theta0.shape[0], cov_factor, theta0.dtype)
+    y = x @ theta0 + jnp.sqrt(noise) * _normal(k_eps, (size,), theta0.dtype)
     return FineTuneData(x, y, dataset_moments(x, y))
 
 

@@ -11,6 +11,7 @@ V holds the value matrices Wv_h; in one layer only its last row (the label row) 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Mapping
@@ -103,10 +104,14 @@ def init_params(
     """Reference initialization: every entry i.i.d. N(0, std^2), std = 0.05 (SPEC section 2)."""
     if d < 1 or layers < 1 or heads < 1:
         raise ValueError(f"need d, layers, heads >= 1; got d={d}, layers={layers}, heads={heads}")
-    names = MERGED_KEYS if merged else SEPARATE_KEYS
-    shape = (layers, heads, d + 2, d + 2)
-    keys = jax.random.split(key, len(names))
-    return {n: std * jax.random.normal(k, shape, dtype) for n, k in zip(names, keys)}
+    return _init(key, MERGED_KEYS if merged else SEPARATE_KEYS, (layers, heads, d + 2, d + 2), std, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 4))
+def _init(key, names: tuple, shape: tuple, std, dtype) -> dict:
+    """init_params' draw, one compiled program (eagerly, five small ones)."""
+    draws = jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(jax.random.split(key, len(names)))
+    return {n: std * g for n, g in zip(names, draws)}
 
 
 def zeros_params(d: int, *, layers: int = 1, heads: int = 1, merged: bool = True, dtype=jnp.float32) -> dict:
