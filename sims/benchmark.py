@@ -14,7 +14,8 @@ the settings of the paper's regression/comparison.py:
 - pretrain: the pretraining run alone;  finetune: the 8 fine-tuning runs alone;
 - tiny: the reference workload at 50 steps, batch 256 (a smoke test).
 Training goes through linattn.train.train_plan and evaluation through linattn.evaluate, exactly as
-in sims.forgetting (in chunks of its eval_chunk prompts), with the engine's defaults: every local
+in sims.forgetting (in chunks of its eval_chunk prompts, beside the exact curves in a second thread:
+sims.forgetting.in_parallel), with the engine's defaults: every local
 device (one per core on a CPU) and the layout it picks. --devices and --layout override them. Wall
 and CPU seconds are reported per phase (compilation included: a user pays it), with the CPU model,
 the load average and how many programs came from linattn's persistent compilation cache (a first
@@ -80,7 +81,7 @@ def run(args) -> dict:
     from linattn import train as T
     from linattn.objectives import ObjectiveConfig
     from linattn.params import init_params
-    from sims.forgetting import StudyConfig
+    from sims.forgetting import StudyConfig, in_parallel
     from theory.risk import task_curves
 
     steps, batch = args.steps, args.batch
@@ -126,12 +127,13 @@ def run(args) -> dict:
         stacked = {k: jnp.stack([jnp.asarray(p[k]) for p in models.values()]) for k in p0}
         shots = np.arange(21)
         samples = min(args.eval_samples, 2000) if args.workload == "tiny" else args.eval_samples
-        with clock("evaluate"):
-            curves = {t: E.test_error(jax.random.fold_in(k_eval, i), stacked, shots, task, noise=noise,
-                                      samples=samples, chunk=min(samples, StudyConfig.eval_chunk))
-                      for i, (t, task) in enumerate((("theta0", theta0), ("minus_theta0", -theta0)))}
-        with clock("theory"):
-            exact = task_curves(stacked, np.asarray(theta0, np.float64), shots, noise, tasks=("theta0", "minus_theta0"))
+        with clock("evaluate"):  # Monte Carlo and exact curves side by side, as the study evaluates
+            curves, exact = in_parallel(
+                lambda: {t: E.test_error(jax.random.fold_in(k_eval, i), stacked, shots, task, noise=noise,
+                                         samples=samples, chunk=min(samples, StudyConfig.eval_chunk))
+                         for i, (t, task) in enumerate((("theta0", theta0), ("minus_theta0", -theta0)))},
+                lambda: task_curves(stacked, np.asarray(theta0, np.float64), shots, noise,
+                                    tasks=("theta0", "minus_theta0")))
         out["evaluation"] = {"shots": shots.tolist(), "samples": samples, "models": list(models),
                              "mc_mean": {t: c.mean.tolist() for t, c in curves.items()},
                              "mc_se": {t: c.se.tolist() for t, c in curves.items()},
