@@ -27,10 +27,10 @@ seeds or rates load it too. LINATTN_COMPILATION_CACHE=off turns it off and a pat
 JAX_COMPILATION_CACHE_DIR, if set, is JAX's own setting and wins. Every program is kept however
 short its compilation (JAX's default keeps those over 1 s): the reference benchmark's programs
 (50 when this was measured, most of them small eager ones; 30 now) then loaded in 7.7 s against
-8.1-8.5 s when only those over 0.02 s were kept (BENCHMARKS.md). XLA's CPU loader checks an entry against the host CPU's features and
-compiles again where they differ (jax-ml/jax issue 38445), so a home folder shared by different
-machines is safe. Results record the folder. The first compilation of a process fixes the setting
-for it (JAX reads it once).
+8.1-8.5 s when only those over 0.02 s were kept (BENCHMARKS.md). XLA's CPU loader checks an entry
+against the host CPU's features and compiles again where they differ (jax-ml/jax issue 38445), so a
+home folder shared by different machines is safe. Results record the folder. The first compilation
+of a process fixes the setting for it (JAX reads it once).
 """
 
 import os as _os

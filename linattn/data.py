@@ -288,12 +288,13 @@ def make_finetune_dataset(key, theta0, size: int = 100_000, noise: float = 0.1, 
         raise ValueError(f"theta0 has shape {theta0.shape}; expected (d,)")
     if size < 1:
         raise ValueError(f"fine-tuning dataset size must be >= 1; got {size}")
-    return _dataset(key, theta0, noise, None if cov_factor is None else jnp.asarray(cov_factor, dtype), size=int(size))
+    factor = None if cov_factor is None else jnp.asarray(cov_factor, dtype)
+    return _dataset(key, theta0, noise, factor, size=int(size))
 
 
 @functools.partial(jax.jit, static_argnames="size")
 def _dataset(key, theta0, noise, cov_factor, *, size: int) -> FineTuneData:
-    """make_finetune_dataset's draw, one compiled program (eagerly it was about 16 small ones)."""
+    """make_finetune_dataset's draw as one compiled program (eagerly, about 16 small ones)."""
     k_x, k_eps = jax.random.split(key)
     x = sample_covariates(k_x, (size,), theta0.shape[0], cov_factor, theta0.dtype)
     y = x @ theta0 + jnp.sqrt(noise) * _normal(k_eps, (size,), theta0.dtype)

@@ -109,7 +109,7 @@ def init_params(
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 4))
 def _init(key, names: tuple, shape: tuple, std, dtype) -> dict:
-    """init_params' draw, one compiled program (eagerly, five small ones)."""
+    """init_params' draws as one compiled program (eagerly, five small ones)."""
     draws = jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(jax.random.split(key, len(names)))
     return {n: std * g for n, g in zip(names, draws)}
 
