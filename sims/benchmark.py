@@ -100,8 +100,7 @@ def run(args) -> dict:
     pre_run = T.Run(k_pre, p0, T.TaskContext(jnp.zeros(d)), "pretrain", "all", args.lr, obj, cfg)  # reads no task
     if args.workload in ("reference", "pretrain", "tiny"):  # as the study does: compile it while the rest is set up
         T.precompile([pre_run], **plan)
-    g = jax.random.normal(k_theta, (d,))
-    theta0 = g / jnp.linalg.norm(g)
+    theta0 = D.sample_tasks(k_theta, 1, d, "sphere")[0]  # the fine-tuning task, as sims.forgetting.theta0_of
     ctx = T.TaskContext(theta0, D.make_finetune_dataset(k_data, theta0, 100_000, noise))
 
     params_pre = p0

@@ -1,6 +1,6 @@
 """The forgetting study: pretrain, fine-tune with every method, evaluate against exact theory.
 
-    python -m sims.forgetting --quick            # the README's main job (50-56 s on 2 CPU cores, cold)
+    python -m sims.forgetting --quick            # the README's main job (about 49 s on 2 CPU cores, cold)
     python -m sims.forgetting --full             # reference protocol (SPEC section 3), 5 seeds
     python -m sims.forgetting --full --batch 2000 --out runs/mine   # any field can be overridden
     python -m sims.plot DIR                      # redraw the figures from DIR/results.*
